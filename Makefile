@@ -1,0 +1,19 @@
+# `make demo` and `make test` do all the set-up themselves (scripts/setup.sh).
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-all model
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m vllm_multiverse.demo
+
+test: setup
+	$(PY) -m pytest
+
+test-all: setup
+	$(PY) -m pytest -m ""
+
+model: setup
+	$(PY) -m vllm_multiverse.training.train --out models/multiverse-tiny

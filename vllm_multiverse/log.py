@@ -1,0 +1,7 @@
+from vllm.logger import init_logger as _vllm_init_logger
+
+
+def init_logger(name: str):
+    # vLLM configures handlers for the "vllm" logger tree only; a plugin's
+    # records reach vLLM's output (and VLLM_LOGGING_LEVEL) under that tree.
+    return _vllm_init_logger(f"vllm.plugins.{name}")

@@ -1,0 +1,23 @@
+"""The ``multiverse`` vLLM general plugin (entry point ``vllm.general_plugins``).
+
+vLLM calls :func:`register` once in every process it starts (API server or
+``LLM``, engine core, workers), so it must be idempotent and cheap.
+"""
+
+from __future__ import annotations
+
+from vllm_multiverse.log import init_logger
+
+logger = init_logger(__name__)
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm_multiverse import __version__
+
+    logger.info("vllm-multiverse %s plugin loaded", __version__)

@@ -1,0 +1,1 @@
+"""Train and evaluate small Multiverse models (plain PyTorch + transformers)."""

@@ -1,0 +1,118 @@
+"""Measure a Multiverse model on held-out prompts with the reference decoder.
+
+    python -m vllm_multiverse.training.evaluate models/multiverse-tiny --n 200
+
+Per prompt: is the structure well formed (for prompts that call for
+parallelism; a plain prompt must get no Parallel block), is the final answer
+exactly right, and the ideal speedup of the output: generated tokens over the
+tokens on the critical path (each block counted by its longest Path), read
+off the structure module's engine-convention positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_multiverse.reference import ReferenceDecoder
+from vllm_multiverse.structure import EventKind, StructureConfig, analyze
+from vllm_multiverse.training.tasks import Task, extract_answer
+from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+
+
+@dataclass
+class PromptResult:
+    prompt: str
+    parallel: bool
+    well_formed: bool
+    correct: bool
+    output_tokens: int
+    critical_path: int
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.output_tokens / max(1, self.critical_path)
+
+
+def critical_path(token_ids, prompt_len: int, tokens) -> int:
+    """Decode steps on the critical path of the output: with the engine's
+    positions every Path of a block starts at one position and the
+    Conclusion follows the longest, so the positions count exactly that."""
+    pos = analyze(token_ids, tokens, StructureConfig(positions="engine")).positions
+    return int(pos[-1] - pos[prompt_len - 1])
+
+
+def judge(task: Task, prompt_ids, out_ids, tokens, tok) -> PromptResult:
+    seq = list(prompt_ids) + list(out_ids)
+    s = analyze(seq, tokens)
+    forks = sum(e.kind is EventKind.FORK and e.index >= len(prompt_ids) for e in s.events)
+    concls = sum(e.kind is EventKind.CONCLUSION and e.index >= len(prompt_ids) for e in s.events)
+    if task.parallel:
+        well = s.well_formed and forks > 0 and forks == concls
+    else:
+        well = s.well_formed and forks == 0
+    text = tok.decode(out_ids, skip_special_tokens=False)
+    return PromptResult(
+        prompt=task.prompt(),
+        parallel=task.parallel,
+        well_formed=well,
+        correct=extract_answer(text) == task.answer(),
+        output_tokens=len(out_ids),
+        critical_path=critical_path(seq, len(prompt_ids), tokens),
+    )
+
+
+def summarize(results: list[PromptResult]) -> dict:
+    par = [r for r in results if r.parallel]
+    return {
+        "prompts": len(results),
+        "parallel_prompts": len(par),
+        "well_formed_parallel": float(np.mean([r.well_formed for r in par])) if par else None,
+        "well_formed_all": float(np.mean([r.well_formed for r in results])),
+        "answer_exact": float(np.mean([r.correct for r in results])),
+        "ideal_speedup_mean": float(np.mean([r.ideal_speedup for r in results])),
+        "ideal_speedup_mean_parallel": float(np.mean([r.ideal_speedup for r in par])) if par else None,
+        "output_tokens_mean": float(np.mean([r.output_tokens for r in results])),
+    }
+
+
+@torch.no_grad()
+def evaluate(model_dir: Path, n: int, max_tokens: int = 2048) -> tuple[dict, list[PromptResult]]:
+    torch.set_num_threads(2)
+    dec = ReferenceDecoder.from_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    results = []
+    t0 = time.time()
+    for task in held_out_tasks(n):
+        prompt_ids = tok.encode(chat_prompt(tok, task.prompt()), add_special_tokens=False)
+        out = dec.generate(prompt_ids, max_tokens=max_tokens)
+        results.append(judge(task, prompt_ids, out.token_ids, dec.tokens, tok))
+    summary = summarize(results)
+    summary["seconds"] = round(time.time() - t0, 1)
+    return summary, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--out", type=Path, help="write the summary and per-prompt results here (JSON)")
+    args = ap.parse_args()
+    summary, results = evaluate(args.model_dir, args.n)
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        args.out.write_text(
+            json.dumps({"summary": summary, "results": [asdict(r) for r in results]}, indent=1) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Train the tiny Multiverse model from scratch, with Multiverse attention.
+
+    python -m vllm_multiverse.training.train --out models/multiverse-tiny
+
+Deterministic for a given seed and thread count: the data, the
+initialisation and the batch order all come from the seed. The mask and the
+position ids of every example come from the structure module, the same code
+the engine and the reference decoder use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from vllm_multiverse.model_config import write_multiverse_config
+from vllm_multiverse.structure import MultiverseTokens, analyze
+from vllm_multiverse.training.tasks import TaskSampler
+from vllm_multiverse.training.tokenizer import IM_END, build_tokenizer
+
+HELD_OUT_SEED = 10_000  # evaluation prompts; training uses --seed
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1400
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup: int = 60
+    weight_decay: float = 0.01
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 2  # head_dim 64: vLLM's CPU attention supports it
+    intermediate_size: int = 512
+    max_positions: int = 2048
+    threads: int = 2
+
+
+def encode_example(tok, tokens: MultiverseTokens, task) -> tuple[list[int], int]:
+    """Chat-templated prompt + completion + EOS, and the prompt's length."""
+    prompt = chat_prompt(tok, task.prompt())
+    p = tok.encode(prompt, add_special_tokens=False)
+    c = tok.encode(task.completion(), add_special_tokens=False) + [tok.convert_tokens_to_ids(IM_END)]
+    return p + c, len(p)
+
+
+def chat_prompt(tok, user_text: str) -> str:
+    return tok.apply_chat_template(
+        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def collate(batch, tokens: MultiverseTokens, pad_id: int):
+    """input_ids, labels (assistant tokens only), position ids, 4-D masks."""
+    n = max(len(ids) for ids, _ in batch)
+    b = len(batch)
+    input_ids = torch.full((b, n), pad_id, dtype=torch.long)
+    labels = torch.full((b, n), -100, dtype=torch.long)
+    positions = torch.zeros((b, n), dtype=torch.long)
+    allowed = torch.zeros((b, 1, n, n), dtype=torch.bool)
+    for r, (ids, plen) in enumerate(batch):
+        s = analyze(ids, tokens)
+        L = len(ids)
+        input_ids[r, :L] = torch.tensor(ids)
+        labels[r, plen:L] = torch.tensor(ids[plen:])
+        positions[r, :L] = torch.from_numpy(s.positions)
+        allowed[r, 0, :L, :L] = torch.from_numpy(s.dense_mask())
+        # Padding rows attend to themselves only, so no row is all -inf.
+        allowed[r, 0, L:, L:] = torch.eye(n - L, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=torch.float32)
+    mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return input_ids, labels, positions, mask
+
+
+def build_model(cfg: TrainConfig, tok) -> Qwen2ForCausalLM:
+    vocab = 8 * math.ceil(len(tok) / 8)
+    mcfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.max_positions,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids(IM_END),
+        pad_token_id=tok.pad_token_id,
+        dtype="float32",
+    )
+    return Qwen2ForCausalLM(mcfg)
+
+
+def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    tok = build_tokenizer()
+    tokens = MultiverseTokens.from_tokenizer(tok)
+    model = build_model(cfg, tok)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sampler = TaskSampler(cfg.seed)
+    held_out = {t.prompt() for t in held_out_tasks(200)}
+    t0 = time.time()
+    history = []
+    for step in range(cfg.steps):
+        batch = []
+        while len(batch) < cfg.batch_size:
+            task = sampler.sample()
+            if task.prompt() not in held_out:
+                batch.append(encode_example(tok, tokens, task))
+        input_ids, labels, positions, mask = collate(batch, tokens, tok.pad_token_id)
+        loss = model(input_ids=input_ids, labels=labels, position_ids=positions, attention_mask=mask).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            history.append((step, round(loss.item(), 4)))
+            print(f"step {step:5d} loss {loss.item():.4f} {time.time() - t0:7.1f}s", flush=True)
+    model.eval()
+    save(model, tok, tokens, out)
+    meta = {"train_config": asdict(cfg), "train_seconds": round(time.time() - t0, 1), "loss": history}
+    (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def held_out_tasks(n: int):
+    sampler = TaskSampler(HELD_OUT_SEED)
+    return [sampler.sample() for _ in range(n)]
+
+
+def save(model, tok, tokens: MultiverseTokens, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    eos = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids("<|endoftext|>")]
+    GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, do_sample=False).save_pretrained(out)
+    write_multiverse_config(out, tokens)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("models/multiverse-tiny"))
+    for field, default in asdict(TrainConfig()).items():
+        ap.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+    args = ap.parse_args()
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    train(cfg, args.out)
+
+
+if __name__ == "__main__":
+    main()
