@@ -17,3 +17,4 @@ test-all: setup
 
 model: setup
 	$(PY) -m vllm_multiverse.training.train --out models/multiverse-tiny
+	$(PY) -m vllm_multiverse.training.evaluate models/multiverse-tiny --n 200 --out models/multiverse-tiny/eval.json --card

@@ -1,7 +1,10 @@
 """The ``multiverse`` vLLM general plugin (entry point ``vllm.general_plugins``).
 
 vLLM calls :func:`register` once in every process it starts (API server or
-``LLM``, engine core, workers), so it must be idempotent and cheap.
+``LLM``, engine core, workers), so it must be idempotent and cheap. It wraps
+``EngineArgs.create_engine_config`` so that an engine for a Multiverse model
+(or one asked for with ``additional_config={"multiverse": {...}}``) gets the
+Multiverse scheduler and worker; every other engine is left as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,17 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from vllm_multiverse import __version__
+    from vllm.engine.arg_utils import EngineArgs
 
+    from vllm_multiverse import __version__
+    from vllm_multiverse.engine.wiring import configure_engine
+
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        configure_engine(config)
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
     logger.info("vllm-multiverse %s plugin loaded", __version__)

@@ -100,11 +100,82 @@ def evaluate(model_dir: Path, n: int, max_tokens: int = 2048) -> tuple[dict, lis
     return summary, results
 
 
+CARD = """---
+license: apache-2.0
+tags: [multiverse, vllm-multiverse, tiny]
+---
+# multiverse-tiny
+
+A {params:,}-parameter Qwen2-architecture model trained from scratch, with
+Multiverse attention and positions from `vllm_multiverse.structure`, to write
+Multiverse MapReduce structure on a synthetic task. It exists to test and
+demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
+
+- Task (`vllm_multiverse/training/tasks.py`): "Add up each group." over 1 to 8
+  named groups of digits; one Outline and one Path per group (each Path
+  restates its digits and adds them step by step), a Conclusion listing the
+  sums, and `Answer:` with the sums. One group gets a plain answer (no
+  Parallel block); two rounds of groups give two blocks one after the other;
+  a group split with "/" gets a block nested in its Path.
+- Format: the authors' (twelve tag tokens, every tag on its own line,
+  "Let's think in parallel." before each block, labels `1:`, nested `1.1:`),
+  with the engine-written headers `\\n<Path>\\n{{label}}` and `<Conclusion>\\n`.
+  `config.json["multiverse"]` declares the tag ids, the headers and the
+  position convention ({positions}).
+- Tokenizer: one token per character, the tags and ChatML markers as special
+  tokens, "Let's think in parallel." and "Answer:" as single tokens; EOS is
+  `<|im_end|>`.
+- Architecture: {layers} layers, hidden {hidden}, {heads} heads of 64, float32.
+- Training: `make model` (= `python -m vllm_multiverse.training.train --out
+  models/multiverse-tiny --seed {seed}` then this evaluation), {steps} steps of
+  batch {batch}, AdamW lr {lr}, {train_seconds:.0f} s on 2 CPU cores.
+
+## Measured (reference decoder, greedy, {prompts} held-out prompts)
+
+| metric | value |
+|---|---|
+| well-formed structure, prompts that call for parallelism ({parallel_prompts}) | {well_formed_parallel:.1%} |
+| well-formed structure, all prompts | {well_formed_all:.1%} |
+| final answer exactly right | {answer_exact:.1%} |
+| mean ideal speedup (output tokens / critical-path tokens), all prompts | {ideal_speedup_mean:.2f} |
+| mean ideal speedup, parallel prompts | {ideal_speedup_mean_parallel:.2f} |
+| mean output tokens | {output_tokens_mean:.0f} |
+
+Reproduce: `python -m vllm_multiverse.training.evaluate models/multiverse-tiny --n {prompts}`.
+"""
+
+
+def write_card(model_dir: Path, summary: dict) -> None:
+    meta = json.loads((model_dir / "training.json").read_text())
+    tc = meta["train_config"]
+    cfg = json.loads((model_dir / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        params = sum(f.get_tensor(k).numel() for k in f.keys())
+    (model_dir / "README.md").write_text(
+        CARD.format(
+            params=params,
+            positions=cfg["multiverse"]["positions"],
+            layers=tc["layers"],
+            hidden=tc["hidden_size"],
+            heads=tc["heads"],
+            seed=tc["seed"],
+            steps=tc["steps"],
+            batch=tc["batch_size"],
+            lr=tc["lr"],
+            train_seconds=meta["train_seconds"],
+            **summary,
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--out", type=Path, help="write the summary and per-prompt results here (JSON)")
+    ap.add_argument("--card", action="store_true", help="write the model card (README.md) into model_dir")
     args = ap.parse_args()
     summary, results = evaluate(args.model_dir, args.n)
     print(json.dumps(summary, indent=1))
@@ -112,6 +183,8 @@ def main() -> None:
         args.out.write_text(
             json.dumps({"summary": summary, "results": [asdict(r) for r in results]}, indent=1) + "\n"
         )
+    if args.card:
+        write_card(args.model_dir, summary)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """The tiny model's tokenizer: one token per character, the tags as specials.
 
-Character tokens keep the structure rule's token view and the text view in
-step (a label "1.2:" is exactly four tokens wherever it appears), and the
-vocabulary small enough for a model that trains on two CPU cores.
+A Qwen2 byte-level BPE with no merges: every character is one token (a
+label "1.2:" is exactly four tokens wherever it appears, so the structure
+rule's token view and the text view stay in step), and the vocabulary is
+small enough for a model that trains on two CPU cores. It is built with
+transformers' own ``Qwen2Tokenizer``, so it loads the same way in
+transformers (which picks that class for a ``qwen2`` model) and in vLLM.
 """
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AddedToken
+from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from vllm_multiverse.structure import TAG_NAMES
 from vllm_multiverse.training.tasks import ANSWER_CUE, PARALLEL_CUE
@@ -20,13 +22,12 @@ EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIALS = (EOS, IM_START, IM_END, *TAG_NAMES)
-# Fixed phrases the model writes often are one token each: cheaper sequential
-# steps, same text.
+# Fixed phrases the model writes often are one token each: cheaper
+# sequential steps, same text.
 PHRASES = (PARALLEL_CUE, ANSWER_CUE)
-CHARS = "\n" + string.digits + string.ascii_letters + " .,:;!?'\"()[]{}+-*/=<>_#%&|^~@$`\\"
 
-# The ChatML template Qwen2.5 uses, with its default system prompt dropped:
-# the tiny model was trained without one.
+# The ChatML template Qwen2.5 uses, without its default system prompt: the
+# tiny model was trained without one.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -35,24 +36,36 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARS) + PHRASES)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(list(SPECIALS))
-    tok.add_tokens(list(PHRASES))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=EOS,
-        additional_special_tokens=[IM_START, *TAG_NAMES],
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
     )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
 
 
-def save_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    fast = build_tokenizer()
-    fast.save_pretrained(str(path))
-    return fast
+def build_tokenizer() -> Qwen2Tokenizer:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in _byte_chars():
+        vocab[ch] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token=IM_END, pad_token=EOS, unk_token=None)
+    tok.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIALS[1:]]}
+    )
+    tok.add_tokens([AddedToken(p, normalized=False) for p in PHRASES])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_tokenizer(path: str | Path) -> Qwen2Tokenizer:
+    tok = build_tokenizer()
+    tok.save_pretrained(str(path))
+    return tok

@@ -31,7 +31,7 @@ HELD_OUT_SEED = 10_000  # evaluation prompts; training uses --seed
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1400
+    steps: int = 1300
     batch_size: int = 8
     lr: float = 3e-3
     warmup: int = 60

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ROOT / "models" / "multiverse-tiny"
+
+# Small enough for 2 cores and 24 GiB; the CPU worker's default share of the
+# NUMA node does not fit here (see shared notes).
+LLM_DEFAULTS = dict(
+    dtype="float32",
+    enforce_eager=True,
+    max_model_len=2048,
+    kv_cache_memory_bytes=512 * 2**20,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    if not (TINY_MODEL / "model.safetensors").exists():
+        pytest.fail(f"bundled model missing: {TINY_MODEL} (make model)")
+    return TINY_MODEL
+
+
+@pytest.fixture
+def env_var():
+    """Set environment variables for one test, restored afterwards."""
+    saved = {}
+
+    def set_(name, value):
+        saved.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
+
+    yield set_
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -1,0 +1,37 @@
+"""Shared pieces of the engine tests: held-out prompts and reference outputs."""
+
+from __future__ import annotations
+
+import functools
+
+from conftest import TINY_MODEL
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+@functools.lru_cache(maxsize=1)
+def reference():
+    import torch
+
+    from vllm_multiverse.reference import ReferenceDecoder
+
+    torch.set_num_threads(2)
+    return ReferenceDecoder.from_pretrained(TINY_MODEL)
+
+
+def held_out_prompts(n: int) -> list[list[int]]:
+    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+
+    tok = tokenizer()
+    return [tok.encode(chat_prompt(tok, t.prompt()), add_special_tokens=False) for t in held_out_tasks(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_output(prompt: tuple[int, ...], max_tokens: int) -> tuple[list[int], str]:
+    out = reference().generate(list(prompt), max_tokens=max_tokens)
+    return out.token_ids, out.finish_reason

@@ -1,0 +1,134 @@
+"""The fork/merge engine through vllm.LLM on the tiny model: token-identical
+to the sequential reference, sharing prefix blocks, merging without recompute."""
+
+import os
+
+import pytest
+
+from conftest import LLM_DEFAULTS
+from engine_harness import held_out_prompts, reference_output
+
+MAX_TOKENS = 1500
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    # The engine core in this process, so that tests can look at the scheduler.
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    from vllm_multiverse.plugin import register
+
+    register()  # vLLM may have loaded plugins in this process under another allow-list
+    llm = LLM(model=str(tiny_model_dir), **LLM_DEFAULTS)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    if saved is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+
+def scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def greedy(max_tokens=MAX_TOKENS, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False, **kw)
+
+
+def test_engine_is_multiverse(llm):
+    from vllm_multiverse.engine.scheduler import MultiverseScheduler
+
+    assert isinstance(scheduler(llm), MultiverseScheduler)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_outputs_equal_the_reference(llm, batch):
+    prompts = held_out_prompts(16)[: max(batch, 4)]
+    sched = scheduler(llm)
+    forks0 = sched.mv_stats["forks"]
+    got = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
+        got += [list(o.outputs[0].token_ids) for o in outs]
+    for p, g in zip(prompts, got):
+        ref, _ = reference_output(tuple(p), MAX_TOKENS)
+        assert g == ref
+    assert sched.mv_stats["forks"] > forks0
+
+
+def _step_until(llm, predicate, limit=3000):
+    engine = llm.llm_engine
+    outs = []
+    for _ in range(limit):
+        outs += engine.step()
+        if predicate():
+            return outs
+    raise AssertionError("condition not reached")
+
+
+def _free_blocks(llm):
+    return scheduler(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
+    sched = scheduler(llm)
+    prompt = held_out_prompts(16)[0]
+    llm.llm_engine.add_request("share", {"prompt_token_ids": prompt}, greedy())
+    _step_until(llm, lambda: "share" in sched.mv_groups and sched.mv_groups["share"].running)
+    group = sched.mv_groups["share"]
+    mgr = sched.kv_cache_manager
+    parent_blocks = mgr.get_blocks("share").blocks[0]
+    full = group.prefix_len - 1  # tokens with KV in the parent at the fork
+    n_full = full // sched.block_size
+    assert len(group.running) == len(group.headers) >= 2
+    for child in group.running.values():
+        child_blocks = mgr.get_blocks(child.request_id).blocks[0]
+        ids = [b.block_id for b in child_blocks[:n_full]]
+        assert ids == [b.block_id for b in parent_blocks[:n_full]]
+        assert child.num_computed_tokens == full
+    for b in parent_blocks[:n_full]:
+        assert b.ref_cnt == 1 + len(group.running)
+    # Siblings run in the same steps: each step until the first one ends
+    # schedules every branch.
+    branch_ids = {c.request_id for c in group.running.values()}
+    steps = []
+    original = sched.schedule
+
+    def recording_schedule(*args, **kwargs):
+        out = original(*args, **kwargs)
+        steps.append(set(out.num_scheduled_tokens))
+        return out
+
+    sched.schedule = recording_schedule
+    try:
+        while not group.results:
+            llm.llm_engine.step()
+    finally:
+        del sched.schedule
+    assert len(steps) > 5
+    assert all(branch_ids <= s for s in steps[:-1])
+    _step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
+
+
+def test_abort_parent_aborts_branches_and_frees_blocks(llm):
+    sched = scheduler(llm)
+    free0 = _free_blocks(llm)
+    prompt = held_out_prompts(16)[1]
+    llm.llm_engine.add_request("abort-me", {"prompt_token_ids": prompt}, greedy())
+    _step_until(llm, lambda: "abort-me" in sched.mv_groups and len(sched.mv_groups["abort-me"].running) >= 2)
+    branch_ids = [c.request_id for c in sched.mv_groups["abort-me"].running.values()]
+    for _ in range(3):
+        llm.llm_engine.step()
+    llm.llm_engine.abort_request(["abort-me"])
+    for _ in range(3):
+        llm.llm_engine.step()
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert "abort-me" not in sched.requests and not any(b in sched.requests for b in branch_ids)
+    assert not sched.mv_groups and not sched.mv_tracks
+    assert _free_blocks(llm) == free0

@@ -1,0 +1,52 @@
+"""Multiverse engine options: ``additional_config["multiverse"]`` in vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from vllm_multiverse.structure import PositionConvention, StructureConfig
+
+ADDITIONAL_CONFIG_KEY = "multiverse"
+
+
+@dataclass(frozen=True)
+class MultiverseConfig:
+    # None: on for models that declare themselves Multiverse models.
+    enabled: bool | None = None
+    # None: the convention the model declares (else "training").
+    positions: PositionConvention | None = None
+    # Beyond these caps a block still decodes correctly, its Paths run one
+    # after another as branches (a counted fallback).
+    max_paths_per_fork: int = 16
+    max_depth: int = 4
+    max_branches_per_request: int = 64
+    # False: every block's Paths one after another (a baseline for benchmarks).
+    parallel: bool = True
+    # The structure rule's own limits (malformed beyond them: causal text).
+    max_outlines: int = 128
+    max_nesting: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_paths_per_fork", "max_depth", "max_branches_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"multiverse option {name} must be at least 1")
+
+    def structure_config(self, declared: PositionConvention | None) -> StructureConfig:
+        return StructureConfig(
+            positions=self.positions or declared or "training",
+            max_depth=self.max_nesting,
+            max_outlines=self.max_outlines,
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> MultiverseConfig:
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown multiverse options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,453 @@
+"""``MultiverseScheduler``: vLLM 0.32.0's V1 ``Scheduler`` with fork and merge.
+
+- Every request carries a :class:`StructureState` over its tokens and the
+  Multiverse position of each token; the positions of scheduled tokens ride
+  to the workers on the ``SchedulerOutput`` (``mv_positions``).
+- Fork: when a request samples a ``</Goal>`` that opens Paths, it is parked
+  (out of ``running``, holding its blocks) and one branch request per
+  Outline label starts, its prompt the parent's tokens plus the
+  engine-written header, its KV the parent's blocks by reference (vLLM copies
+  a partial last block on write).
+- A branch ends after its Path's tail token: one more step computes the
+  tail's KV, the token sampled there is dropped, and the branch's blocks are
+  stashed (still referenced) until the merge.
+- Merge: the parent adopts branch 1's blocks, the KV of Paths 2..N is copied
+  token by token into fresh blocks in text order (``mv_kv_copies``, run by
+  the worker before the next forward; the sources are freed after that
+  step), the Conclusion header is appended, and the parent resumes with the
+  whole text in order. Stop conditions and ``max_tokens`` apply in text
+  order, as in the sequential reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from array import array
+from dataclasses import dataclass, field
+
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.sched.utils import check_stop
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
+from vllm_multiverse.engine.vllm_compat import check_vllm_version
+from vllm_multiverse.log import init_logger
+from vllm_multiverse.model_config import read_multiverse_config
+from vllm_multiverse.structure import EventKind, StructureState
+
+logger = init_logger(__name__)
+
+_NEVER_CACHE = 1 << 62  # num_cached_block sentinel: merged KV is never published
+BRANCH_TAG = "\x1fmv"  # in branch request ids: "{parent}\x1fmv{block}.{path}"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class Track:
+    """The Multiverse view of one request."""
+
+    state: StructureState
+    positions: array  # Multiverse position of every token, prompt included
+    group: ForkGroup | None = None  # the fork this branch belongs to
+    index: int = 0  # Path index in that fork
+    draining: bool = False  # tail seen: one more step computes its KV
+    fork_due: bool = False  # the prompt ends with a </Goal>: fork after prefill
+
+    def append(self, tok: int):
+        ev = self.state.append(tok)
+        self.positions.append(self.state.position)
+        return ev
+
+
+@dataclass
+class BranchResult:
+    tokens: list[int]  # the Path's text tokens (the shared lead only for Path 1)
+    num_written: int  # leading engine-written tokens of ``tokens``
+    computed: int  # tokens of the branch with KV
+    blocks: list  # KV blocks (group 0), still referenced
+
+
+@dataclass
+class ForkGroup:
+    parent: Request
+    block_uid: int
+    depth: int
+    root_id: str
+    headers: tuple[tuple[int, ...], ...]
+    prefix_len: int  # parent tokens through </Goal>
+    lead_len: int
+    budget: int  # output tokens the parent may still produce
+    concurrency: int
+    running: dict[int, Request] = field(default_factory=dict)
+    pending: list[int] = field(default_factory=list)
+    results: dict[int, BranchResult] = field(default_factory=dict)
+
+
+class MultiverseScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        check_vllm_version()
+        super().__init__(*args, **kwargs)
+        vllm_config = self.vllm_config
+        info = read_multiverse_config(vllm_config.model_config.hf_config)
+        if info is None:
+            raise ValueError(
+                f"{vllm_config.model_config.model} does not declare itself a Multiverse model "
+                "(config.json has no 'multiverse' entry)"
+            )
+        self.mv_config = MultiverseConfig.from_dict(
+            (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        )
+        self.mv_tokens = info.tokens
+        self.mv_structure = self.mv_config.structure_config(info.positions)
+        if not self.cache_config.enable_prefix_caching:
+            raise ValueError("Multiverse decoding shares KV blocks through vLLM's prefix-cache API")
+        self.mv_tracks: dict[str, Track] = {}
+        self.mv_groups: dict[str, ForkGroup] = {}  # parent request id -> its open fork
+        self.mv_branches_per_root: dict[str, int] = {}
+        self.mv_stats = {"forks": 0, "merges": 0, "paths": 0, "fallbacks": 0, "parallel_tokens": 0}
+        self._to_fork: list[Request] = []
+        self._to_merge: list[ForkGroup] = []
+        self._pending_copies: list[tuple[int, int]] = []
+        self._frees_after_copy: list[list] = []
+        self._frees_after_step: list[list] = []
+        self._extra_outputs: list[tuple[int, EngineCoreOutput]] = []
+        logger.info("Multiverse scheduler: %s, positions=%s", self.mv_config, self.mv_structure.positions)
+
+    # -- request intake -----------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.mv_tracks:
+            track = self._new_track(request.prompt_token_ids or [])
+            ev = track.state.event
+            track.fork_due = ev is not None and ev.kind is EventKind.FORK
+            self.mv_tracks[request.request_id] = track
+        super().add_request(request)
+
+    def _new_track(self, token_ids) -> Track:
+        track = Track(StructureState(self.mv_tokens, self.mv_structure), array("q"))
+        for tok in token_ids:
+            track.append(tok)
+        return track
+
+    # -- scheduling ----------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        out = super().schedule(*args, **kwargs)
+        positions: dict[str, int | list[int]] = {}
+        for rid, n in out.num_scheduled_tokens.items():
+            track = self.mv_tracks.get(rid)
+            if track is None:
+                continue
+            end = self.requests[rid].num_computed_tokens  # already advanced
+            start = end - n
+            pos = track.positions[start:end]
+            delta = start - pos[0]
+            if all(p + delta == start + j for j, p in enumerate(pos)):
+                if delta:
+                    positions[rid] = delta  # the common case: one offset
+            else:
+                positions[rid] = pos.tolist()
+        out.mv_positions = positions
+        out.mv_kv_copies, self._pending_copies = self._pending_copies, []
+        self._frees_after_step.extend(self._frees_after_copy)
+        self._frees_after_copy = []
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        # The step that ran the merge copies is done: their sources can go.
+        for blocks in self._frees_after_step:
+            self.kv_cache_manager.block_pool.free_blocks(reversed(blocks))
+        self._frees_after_step = []
+        for parent in self._to_fork:
+            self._fork(parent)
+        self._to_fork = []
+        self._launch_pending()
+        while self._to_merge:
+            self._merge(self._to_merge.pop(0))
+        # Branch requests are the engine's own: the client never sees them.
+        for eco in outputs.values():
+            if eco.outputs:
+                eco.outputs = [o for o in eco.outputs if BRANCH_TAG not in o.request_id]
+        extra, self._extra_outputs = self._extra_outputs, []
+        for client, o in extra:
+            outputs.setdefault(client, EngineCoreOutputs()).outputs.append(o)
+        return outputs
+
+    # -- tokens -------------------------------------------------------------
+
+    def _update_request_with_output(self, request, new_token_ids, is_stale=False):
+        track = self.mv_tracks.get(request.request_id)
+        if track is None:
+            return super()._update_request_with_output(request, new_token_ids, is_stale)
+        if track.draining:
+            # The tail's KV is computed; the token sampled after it is not text.
+            request.status = RequestStatus.FINISHED_STOPPED
+            return [], True
+        if track.fork_due:
+            # The prompt ended with </Goal>: the engine writes next, not the model.
+            track.fork_due = False
+            self._to_fork.append(request)
+            return [], False
+        kept = []
+        stopped = False
+        for tok in new_token_ids:
+            request.append_output_token_ids(tok)
+            kept.append(tok)
+            ev = track.append(tok)
+            stopped = check_stop(request, self.max_model_len)
+            if stopped:
+                break
+            if ev is None:
+                continue
+            if ev.kind is EventKind.FORK:
+                self._to_fork.append(request)
+                break
+            if track.group is not None and ev.block == track.group.block_uid:
+                track.draining = True  # NEXT_PATH / CONCLUSION: this Path is done
+                break
+        return kept, stopped
+
+    # -- fork ---------------------------------------------------------------
+
+    def _fork(self, parent: Request) -> None:
+        rid = parent.request_id
+        track = self.mv_tracks[rid]
+        ev = track.state.event
+        root = self._root_id(parent)
+        n = len(ev.branch_headers)
+        live = self.mv_branches_per_root.get(root, 0)
+        cfg = self.mv_config
+        fallback = (
+            not cfg.parallel
+            or n > cfg.max_paths_per_fork
+            or ev.depth > cfg.max_depth
+            or live + n > cfg.max_branches_per_request
+        )
+        if fallback and cfg.parallel:
+            self.mv_stats["fallbacks"] += 1
+            logger.debug("fork of %s: %d Paths one at a time (caps)", rid, n)
+        group = ForkGroup(
+            parent=parent,
+            block_uid=ev.block,
+            depth=ev.depth,
+            root_id=root,
+            headers=ev.branch_headers,
+            prefix_len=parent.num_tokens,
+            lead_len=len(self.mv_tokens.path_header_lead),
+            budget=parent.max_tokens - parent.num_output_tokens,
+            concurrency=1 if fallback else n,
+            pending=list(range(n)),
+        )
+        self.running.remove(parent)
+        self.mv_groups[rid] = group
+        self.mv_stats["forks"] += 1
+        self.mv_stats["paths"] += n
+        logger.debug("fork %s at token %d into %d Paths", rid, parent.num_tokens - 1, n)
+
+    def _root_id(self, request: Request) -> str:
+        track = self.mv_tracks[request.request_id]
+        while track.group is not None:
+            request = track.group.parent
+            track = self.mv_tracks[request.request_id]
+        return request.request_id
+
+    def _launch_pending(self) -> None:
+        for group in list(self.mv_groups.values()):
+            while group.pending and len(group.running) < group.concurrency:
+                if not self._launch(group, group.pending[0]):
+                    break  # no KV room now; try again after the next step
+                group.pending.pop(0)
+
+    def _launch(self, group: ForkGroup, k: int) -> bool:
+        parent = group.parent
+        header = group.headers[k]
+        sp = parent.sampling_params.clone()
+        sp.max_tokens = max(1, group.budget - len(header))
+        if sp.seed is not None:
+            sp.seed = (sp.seed * 1_000_003 + group.block_uid * 1_009 + k + 1) % (1 << 63)
+        bid = f"{parent.request_id}{BRANCH_TAG}{group.block_uid}.{k}"
+        child = Request(
+            bid,
+            list(parent.all_token_ids) + list(header),
+            sp,
+            None,
+            client_index=parent.client_index,
+            lora_request=parent.lora_request,
+            cache_salt=parent.cache_salt,
+            priority=parent.priority,
+            block_hasher=parent._block_hasher,
+        )
+        computed = parent.num_computed_tokens
+        blocks = self.kv_cache_manager.get_blocks(parent.request_id).blocks
+        shared = KVCacheBlocks(tuple(list(g[: _cdiv(computed, self.block_size)]) for g in blocks))
+        if self.kv_cache_manager.allocate_slots(
+            child, 0, num_new_computed_tokens=computed, new_computed_blocks=shared
+        ) is None:
+            return False
+        child.num_computed_tokens = computed
+        ptrack = self.mv_tracks[parent.request_id]
+        track = Track(ptrack.state.fork(), array("q", ptrack.positions), group=group, index=k)
+        for tok in header:
+            track.append(tok)
+        self.mv_tracks[bid] = track
+        self.requests[bid] = child
+        self._enqueue_waiting_request(child)
+        group.running[k] = child
+        self.mv_branches_per_root[group.root_id] = self.mv_branches_per_root.get(group.root_id, 0) + 1
+        return True
+
+    # -- branch end ---------------------------------------------------------
+
+    def _free_request_blocks(self, request: Request):
+        track = self.mv_tracks.pop(request.request_id, None)
+        group = track.group if track is not None else None
+        if group is None or request.status == RequestStatus.FINISHED_ABORTED:
+            return super()._free_request_blocks(request)
+        k = track.index
+        start = group.prefix_len if k == 0 else group.prefix_len + group.lead_len
+        written = len(group.headers[k]) - (0 if k == 0 else group.lead_len)
+        group.results[k] = BranchResult(
+            tokens=list(request.all_token_ids[start:]),
+            num_written=written,
+            computed=request.num_computed_tokens,
+            blocks=self.kv_cache_manager.pop_blocks_for_free(request),
+        )
+        group.running.pop(k, None)
+        self.mv_branches_per_root[group.root_id] -= 1
+        self.mv_stats["parallel_tokens"] += request.num_output_tokens
+        if len(group.results) == len(group.headers):
+            self._to_merge.append(group)
+
+    # -- merge --------------------------------------------------------------
+
+    def _merge(self, group: ForkGroup) -> None:
+        parent = group.parent
+        rid = parent.request_id
+        del self.mv_groups[rid]
+        track = self.mv_tracks[rid]
+        sp = parent.sampling_params
+        stops = set(sp.stop_token_ids or ())
+        if sp.eos_token_id is not None and not sp.ignore_eos:
+            stops.add(sp.eos_token_id)
+        # The text in order, cut where the sequential decoding would stop.
+        text: list[int] = []
+        finish: RequestStatus | None = None
+        for k in range(len(group.headers)):
+            res = group.results[k]
+            for j, tok in enumerate(res.tokens):
+                text.append(tok)
+                if j >= res.num_written and tok in stops:
+                    finish = RequestStatus.FINISHED_STOPPED
+                    parent.stop_reason = tok if tok != sp.eos_token_id else None
+                if len(text) >= group.budget:
+                    finish = finish or RequestStatus.FINISHED_LENGTH_CAPPED
+                if finish is not None:
+                    break
+            if finish is not None:
+                break
+        if finish is None:
+            for tok in self.mv_tokens.conclusion_header:
+                text.append(tok)
+                if len(text) >= group.budget:
+                    finish = RequestStatus.FINISHED_LENGTH_CAPPED
+                    break
+        for tok in text:
+            parent.append_output_token_ids(tok)
+            track.append(tok)
+        self.mv_stats["merges"] += 1
+        logger.debug("merge %s: %d Paths, %d tokens", rid, len(group.headers), len(text))
+        if finish is not None or parent.num_tokens >= self.max_model_len:
+            parent.status = finish or RequestStatus.FINISHED_LENGTH_CAPPED
+            for res in group.results.values():
+                self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
+            self._emit(parent, text, finished=True)
+            self.mv_tracks.pop(rid, None)
+            self._free_request(parent)
+            return
+        self._splice_kv(group)
+        parent.status = RequestStatus.PREEMPTED
+        self._enqueue_waiting_request(parent)
+        self._emit(parent, text, finished=False)
+
+    def _splice_kv(self, group: ForkGroup) -> None:
+        """Give the parent branch 1's blocks, and copy Paths 2..N after them."""
+        B = self.block_size
+        parent = group.parent
+        r1 = group.results[0]
+        n1 = group.prefix_len + len(r1.tokens)  # branch 1's text, all with KV
+        total = n1 + sum(len(group.results[k].tokens) for k in range(1, len(group.headers)))
+        own = r1.blocks[: _cdiv(n1, B)]
+        spare = r1.blocks[_cdiv(n1, B):]
+        fresh = self.kv_cache_manager.block_pool.get_new_blocks(max(0, _cdiv(total, B) - len(own)))
+        table = own + fresh
+        mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
+        old = mgr.req_to_blocks[parent.request_id]
+        mgr.req_to_blocks[parent.request_id] = table
+        mgr.num_cached_block[parent.request_id] = _NEVER_CACHE
+        self.kv_cache_manager.block_pool.free_blocks(reversed(list(old) + list(spare)))
+
+        def slot(blocks, i: int) -> int:
+            return blocks[i // B].block_id * B + i % B
+
+        dst = n1
+        src_start = group.prefix_len + group.lead_len
+        for k in range(1, len(group.headers)):
+            res = group.results[k]
+            for j in range(len(res.tokens)):
+                self._pending_copies.append((slot(res.blocks, src_start + j), slot(table, dst + j)))
+            dst += len(res.tokens)
+            self._frees_after_copy.append(res.blocks)
+        parent.num_computed_tokens = total
+
+    def _emit(self, parent: Request, tokens: list[int], finished: bool) -> None:
+        self._extra_outputs.append(
+            (
+                parent.client_index,
+                EngineCoreOutput(
+                    request_id=parent.request_id,
+                    new_token_ids=tokens,
+                    finish_reason=parent.get_finished_reason() if finished else None,
+                    stop_reason=parent.stop_reason,
+                ),
+            )
+        )
+
+    # -- abort --------------------------------------------------------------
+
+    def finish_requests(self, request_ids, finished_status):
+        if request_ids is None:
+            return super().finish_requests(None, finished_status)
+        ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        # A parent takes its whole tree of branches with it.
+        todo = list(ids)
+        while todo:
+            group = self.mv_groups.pop(todo.pop(), None)
+            if group is None:
+                continue
+            for k, child in group.running.items():
+                ids.add(child.request_id)
+                todo.append(child.request_id)
+            for res in group.results.values():
+                self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
+            group.results.clear()
+            group.pending.clear()
+            if group.parent not in self.running:
+                # Parked: finish_requests looks for it in the queues.
+                self.running.append(group.parent)
+        for rid in ids:
+            track = self.mv_tracks.get(rid)
+            if track is not None and track.group is not None:
+                self.mv_branches_per_root[track.group.root_id] = max(
+                    0, self.mv_branches_per_root.get(track.group.root_id, 1) - 1
+                )
+                track.group = None
+        done = super().finish_requests(ids, finished_status)
+        for r in done:
+            self.mv_tracks.pop(r.request_id, None)
+        return done
