@@ -72,6 +72,15 @@ def _step_until(llm, predicate, limit=3000):
     raise AssertionError("condition not reached")
 
 
+def _group_of(sched, name):
+    """The open fork of the request the test added as ``name`` (vLLM may
+    extend request ids internally)."""
+    for rid, group in sched.mv_groups.items():
+        if rid.startswith(name):
+            return group
+    return None
+
+
 def _free_blocks(llm):
     return scheduler(llm).kv_cache_manager.block_pool.get_num_free_blocks()
 
@@ -80,10 +89,10 @@ def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
     sched = scheduler(llm)
     prompt = held_out_prompts(16)[0]
     llm.llm_engine.add_request("share", {"prompt_token_ids": prompt}, greedy())
-    _step_until(llm, lambda: "share" in sched.mv_groups and sched.mv_groups["share"].running)
-    group = sched.mv_groups["share"]
+    _step_until(llm, lambda: _group_of(sched, "share") is not None and _group_of(sched, "share").running)
+    group = _group_of(sched, "share")
     mgr = sched.kv_cache_manager
-    parent_blocks = mgr.get_blocks("share").blocks[0]
+    parent_blocks = mgr.get_blocks(group.parent.request_id).blocks[0]
     full = group.prefix_len - 1  # tokens with KV in the parent at the fork
     n_full = full // sched.block_size
     assert len(group.running) == len(group.headers) >= 2
@@ -121,14 +130,15 @@ def test_abort_parent_aborts_branches_and_frees_blocks(llm):
     free0 = _free_blocks(llm)
     prompt = held_out_prompts(16)[1]
     llm.llm_engine.add_request("abort-me", {"prompt_token_ids": prompt}, greedy())
-    _step_until(llm, lambda: "abort-me" in sched.mv_groups and len(sched.mv_groups["abort-me"].running) >= 2)
-    branch_ids = [c.request_id for c in sched.mv_groups["abort-me"].running.values()]
+    _step_until(llm, lambda: _group_of(sched, "abort-me") is not None and len(_group_of(sched, "abort-me").running) >= 2)
+    parent_id = _group_of(sched, "abort-me").parent.request_id
+    branch_ids = [c.request_id for c in _group_of(sched, "abort-me").running.values()]
     for _ in range(3):
         llm.llm_engine.step()
     llm.llm_engine.abort_request(["abort-me"])
     for _ in range(3):
         llm.llm_engine.step()
     assert not llm.llm_engine.has_unfinished_requests()
-    assert "abort-me" not in sched.requests and not any(b in sched.requests for b in branch_ids)
+    assert parent_id not in sched.requests and not any(b in sched.requests for b in branch_ids)
     assert not sched.mv_groups and not sched.mv_tracks
     assert _free_blocks(llm) == free0

@@ -16,7 +16,9 @@ def plain_llm(tiny_model_dir):
     os.environ["VLLM_PLUGINS"] = "none"  # an allow-list naming no plugin
     from vllm import LLM
 
-    llm = LLM(model=str(tiny_model_dir), **LLM_DEFAULTS)
+    # Off twice over: no plugin in the engine's processes, and off for this
+    # engine should another test have registered the plugin in this process.
+    llm = LLM(model=str(tiny_model_dir), additional_config={"multiverse": {"enabled": False}}, **LLM_DEFAULTS)
     yield llm
     llm.llm_engine.engine_core.shutdown()
     if saved is None:
@@ -57,3 +59,6 @@ def test_vllm_generates_structured_text(plain_llm, tiny_model_dir):
     # Without the plugin nothing masks the Paths or writes headers, but the
     # model still writes its structure: vLLM ran it.
     assert text.startswith("<Think>\nLet's think in parallel.\n<Parallel>\n<Goal>")
+    from vllm_multiverse.engine.scheduler import MultiverseScheduler
+
+    assert MultiverseScheduler.__name__ not in str(plain_llm.llm_engine.vllm_config.scheduler_config.scheduler_cls)

@@ -109,7 +109,14 @@ class MultiverseScheduler(Scheduler):
         self.mv_tracks: dict[str, Track] = {}
         self.mv_groups: dict[str, ForkGroup] = {}  # parent request id -> its open fork
         self.mv_branches_per_root: dict[str, int] = {}
-        self.mv_stats = {"forks": 0, "merges": 0, "paths": 0, "fallbacks": 0, "parallel_tokens": 0}
+        self.mv_stats = {
+            "forks": 0,
+            "merges": 0,
+            "paths": 0,
+            "fallbacks": 0,
+            "rollbacks": 0,
+            "parallel_tokens": 0,
+        }
         self._to_fork: list[Request] = []
         self._to_merge: list[ForkGroup] = []
         self._pending_copies: list[tuple[int, int]] = []
@@ -138,6 +145,10 @@ class MultiverseScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
+        if out.total_num_scheduled_tokens == 0 and (self.waiting or self.kv_holding_waiting):
+            # Nothing fits: finished branches and parked parents hold the KV
+            # the waiting branches need. Give one fork's memory back.
+            self._roll_back_newest_fork()
         positions: dict[str, int | list[int]] = {}
         for rid, n in out.num_scheduled_tokens.items():
             track = self.mv_tracks.get(rid)
@@ -302,9 +313,31 @@ class MultiverseScheduler(Scheduler):
         self.mv_branches_per_root[group.root_id] = self.mv_branches_per_root.get(group.root_id, 0) + 1
         return True
 
+    def _roll_back_newest_fork(self) -> None:
+        """Drop the work of the newest fork that has any, to run its Paths one
+        at a time later. Branch tokens are a function of the branch (greedy,
+        or its own seed), so running them again gives the same text."""
+        for rid in reversed(list(self.mv_groups)):
+            group = self.mv_groups[rid]
+            if not group.running and not group.results:
+                continue
+            children = [c.request_id for c in group.running.values()]
+            for res in group.results.values():
+                self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
+            group.results.clear()
+            group.running.clear()
+            self.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+            group.pending = list(range(len(group.headers)))
+            group.concurrency = 1
+            self.mv_stats["rollbacks"] += 1
+            logger.debug("KV exhausted: fork of %s rolled back, Paths one at a time", rid)
+            return
+
     # -- branch end ---------------------------------------------------------
 
     def _free_request_blocks(self, request: Request):
+        if not request.is_finished():  # preemption: vLLM recomputes it later
+            return super()._free_request_blocks(request)
         track = self.mv_tracks.pop(request.request_id, None)
         group = track.group if track is not None else None
         if group is None or request.status == RequestStatus.FINISHED_ABORTED:
