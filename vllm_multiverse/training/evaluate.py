@@ -112,11 +112,12 @@ Multiverse MapReduce structure on a synthetic task. It exists to test and
 demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 
 - Task (`vllm_multiverse/training/tasks.py`): "Add up each group." over 1 to 8
-  named groups of digits; one Outline and one Path per group (each Path
-  restates its digits and adds them step by step), a Conclusion listing the
-  sums, and `Answer:` with the sums. One group gets a plain answer (no
-  Parallel block); two rounds of groups give two blocks one after the other;
-  a group split with "/" gets a block nested in its Path.
+  numbered groups of distinct digits; one Outline and one Path per group
+  (each Path restates its group's digits, adds them step by step and ends
+  with `{{label}}={{sum}}`), a Conclusion listing every `label=sum`, and
+  `Answer:` repeating it. One group gets a plain answer (no Parallel block);
+  two rounds of groups give two blocks one after the other; a group split
+  with "/" gets a block nested in its Path.
 - Format: the authors' (twelve tag tokens, every tag on its own line,
   "Let's think in parallel." before each block, labels `1:`, nested `1.1:`),
   with the engine-written headers `\\n<Path>\\n{{label}}` and `<Conclusion>\\n`.
@@ -142,6 +143,17 @@ demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 | mean output tokens | {output_tokens_mean:.0f} |
 
 Reproduce: `python -m vllm_multiverse.training.evaluate models/multiverse-tiny --n {prompts}`.
+{weakness}"""
+
+WEAKNESS = """
+## Known weakness
+
+The structure is right, the answers are not: inside a Path the step-by-step
+additions are correct for the digits the Path restated, but the Path does not
+reliably restate *its own* group's digits (finding the group in the prompt by
+its label was not learned in this training budget). The model is a test
+vehicle for the engine (its outputs are compared token by token with the
+sequential reference), not an arithmetic model.
 """
 
 
@@ -165,6 +177,7 @@ def write_card(model_dir: Path, summary: dict) -> None:
             batch=tc["batch_size"],
             lr=tc["lr"],
             train_seconds=meta["train_seconds"],
+            weakness=WEAKNESS if summary["answer_exact"] < 0.9 else "",
             **summary,
         )
     )
