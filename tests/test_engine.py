@@ -142,3 +142,67 @@ def test_abort_parent_aborts_branches_and_frees_blocks(llm):
     assert parent_id not in sched.requests and not any(b in sched.requests for b in branch_ids)
     assert not sched.mv_groups and not sched.mv_tracks
     assert _free_blocks(llm) == free0
+
+
+def _structured_prompt(goal_body: str) -> list[int]:
+    from engine_harness import tokenizer
+
+    tok = tokenizer()
+    head = held_out_prompts(16)[2]
+    return head + tok.encode(
+        "<Think>\nLet's think in parallel.\n<Parallel>\n<Goal>\n" + goal_body + "</Goal>", add_special_tokens=False
+    )
+
+
+@pytest.mark.parametrize("n_outlines", [0, 20, 100])
+def test_goal_with_zero_or_many_outlines(llm, n_outlines):
+    """Zero Outlines, or more than the structure rule's 64: a causal block,
+    no fork. 20: more than the 16 Paths a fork may run at once, so they run
+    one at a time; max_tokens cuts the text in order and the Paths past the
+    cut never start."""
+    sched = scheduler(llm)
+    free0 = _free_blocks(llm)
+    fallbacks0 = sched.mv_stats["fallbacks"]
+    prompt = _structured_prompt("".join(f"<Outline>\n{k + 1}:\n</Outline>\n" for k in range(n_outlines)))
+    out = llm.generate([{"prompt_token_ids": prompt}], greedy(max_tokens=300), use_tqdm=False)[0].outputs[0]
+    ref, reason = reference_output(tuple(prompt), 300)
+    assert list(out.token_ids) == ref and out.finish_reason == reason
+    assert sched.mv_stats["fallbacks"] == fallbacks0 + (n_outlines == 20)
+    assert _free_blocks(llm) == free0 and not sched.mv_groups
+
+
+@pytest.mark.parametrize("rounds", [5, pytest.param(25, marks=pytest.mark.slow)])
+def test_no_block_leaks_after_many_requests_with_aborts(llm, rounds):
+    sched = scheduler(llm)
+    free0 = _free_blocks(llm)
+    engine = llm.llm_engine
+    prompts = held_out_prompts(40)
+    n = 0
+    for round_ in range(rounds):
+        ids = []
+        for i, p in enumerate(prompts):
+            rid = f"leak-{round_}-{i}"
+            engine.add_request(rid, {"prompt_token_ids": p}, greedy(max_tokens=60 + 37 * (i % 9)))
+            ids.append(rid)
+            n += 1
+        for step in range(40):
+            engine.step()
+            if step % 7 == 3:
+                engine.abort_request([ids.pop(0)])
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert n == 40 * rounds
+    assert not sched.mv_groups and not sched.mv_tracks and not sched.requests
+    assert _free_blocks(llm) == free0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_acceptance_200_prompts(llm, batch):
+    prompts = held_out_prompts(200)
+    got = []
+    for i in range(0, len(prompts), batch):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[i : i + batch]], greedy(), use_tqdm=False)
+        got += [list(o.outputs[0].token_ids) for o in outs]
+    for p, g in zip(prompts, got):
+        assert g == reference_output(tuple(p), MAX_TOKENS)[0]

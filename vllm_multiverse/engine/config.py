@@ -24,8 +24,8 @@ class MultiverseConfig:
     # False: every block's Paths one after another (a baseline for benchmarks).
     parallel: bool = True
     # The structure rule's own limits (malformed beyond them: causal text).
-    max_outlines: int = 128
-    max_nesting: int = 8
+    max_outlines: int = StructureConfig.max_outlines
+    max_nesting: int = StructureConfig.max_depth
 
     def __post_init__(self) -> None:
         for name in ("max_paths_per_fork", "max_depth", "max_branches_per_request"):

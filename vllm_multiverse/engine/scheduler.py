@@ -86,6 +86,7 @@ class ForkGroup:
     running: dict[int, Request] = field(default_factory=dict)
     pending: list[int] = field(default_factory=list)
     results: dict[int, BranchResult] = field(default_factory=dict)
+    merging: bool = False  # queued for its merge
 
 
 class MultiverseScheduler(Scheduler):
@@ -270,7 +271,7 @@ class MultiverseScheduler(Scheduler):
 
     def _launch_pending(self) -> None:
         for group in list(self.mv_groups.values()):
-            while group.pending and len(group.running) < group.concurrency:
+            while group.pending and not group.merging and len(group.running) < group.concurrency:
                 if not self._launch(group, group.pending[0]):
                     break  # no KV room now; try again after the next step
                 group.pending.pop(0)
@@ -354,42 +355,48 @@ class MultiverseScheduler(Scheduler):
         group.running.pop(k, None)
         self.mv_branches_per_root[group.root_id] -= 1
         self.mv_stats["parallel_tokens"] += request.num_output_tokens
-        if len(group.results) == len(group.headers):
+        if not group.merging and self._text_in_order(group) is not None:
+            group.merging = True
             self._to_merge.append(group)
 
     # -- merge --------------------------------------------------------------
+
+    def _text_in_order(self, group: ForkGroup):
+        """The Paths' text in order, cut where sequential decoding would stop:
+        (tokens, finish status or None, stop reason), or None while a Path
+        that has not ended yet could still be part of it."""
+        sp = group.parent.sampling_params
+        stops = set(sp.stop_token_ids or ())
+        if sp.eos_token_id is not None and not sp.ignore_eos:
+            stops.add(sp.eos_token_id)
+        text: list[int] = []
+        for k in range(len(group.headers)):
+            res = group.results.get(k)
+            if res is None:
+                return None
+            for j, tok in enumerate(res.tokens):
+                text.append(tok)
+                if j >= res.num_written and tok in stops:
+                    return text, RequestStatus.FINISHED_STOPPED, (None if tok == sp.eos_token_id else tok)
+                if len(text) >= group.budget:
+                    return text, RequestStatus.FINISHED_LENGTH_CAPPED, None
+        for tok in self.mv_tokens.conclusion_header:
+            text.append(tok)
+            if len(text) >= group.budget:
+                return text, RequestStatus.FINISHED_LENGTH_CAPPED, None
+        return text, None, None
 
     def _merge(self, group: ForkGroup) -> None:
         parent = group.parent
         rid = parent.request_id
         del self.mv_groups[rid]
         track = self.mv_tracks[rid]
-        sp = parent.sampling_params
-        stops = set(sp.stop_token_ids or ())
-        if sp.eos_token_id is not None and not sp.ignore_eos:
-            stops.add(sp.eos_token_id)
-        # The text in order, cut where the sequential decoding would stop.
-        text: list[int] = []
-        finish: RequestStatus | None = None
-        for k in range(len(group.headers)):
-            res = group.results[k]
-            for j, tok in enumerate(res.tokens):
-                text.append(tok)
-                if j >= res.num_written and tok in stops:
-                    finish = RequestStatus.FINISHED_STOPPED
-                    parent.stop_reason = tok if tok != sp.eos_token_id else None
-                if len(text) >= group.budget:
-                    finish = finish or RequestStatus.FINISHED_LENGTH_CAPPED
-                if finish is not None:
-                    break
-            if finish is not None:
-                break
-        if finish is None:
-            for tok in self.mv_tokens.conclusion_header:
-                text.append(tok)
-                if len(text) >= group.budget:
-                    finish = RequestStatus.FINISHED_LENGTH_CAPPED
-                    break
+        text, finish, stop_reason = self._text_in_order(group)
+        if finish is not None:
+            parent.stop_reason = stop_reason
+            # Later Paths are past the end of the text: drop them.
+            group.pending.clear()
+            self.finish_requests([c.request_id for c in group.running.values()], RequestStatus.FINISHED_ABORTED)
         for tok in text:
             parent.append_output_token_ids(tok)
             track.append(tok)
