@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-import copy
+import time
 from array import array
 from dataclasses import dataclass, field
 
@@ -57,6 +57,7 @@ class Track:
     index: int = 0  # Path index in that fork
     draining: bool = False  # tail seen: one more step computes its KV
     fork_due: bool = False  # the prompt ends with a </Goal>: fork after prefill
+    merged: bool = False  # holds merged KV: a plain recompute would be wrong
 
     def append(self, tok: int):
         ev = self.state.append(tok)
@@ -180,8 +181,11 @@ class MultiverseScheduler(Scheduler):
             self._fork(parent)
         self._to_fork = []
         self._launch_pending()
-        while self._to_merge:
-            self._merge(self._to_merge.pop(0))
+        waiting_merges = []
+        for group in self._to_merge:
+            if not self._merge(group):
+                waiting_merges.append(group)  # no KV room yet; next step
+        self._to_merge = waiting_merges
         # Branch requests are the engine's own: the client never sees them.
         for eco in outputs.values():
             if eco.outputs:
@@ -320,7 +324,7 @@ class MultiverseScheduler(Scheduler):
         or its own seed), so running them again gives the same text."""
         for rid in reversed(list(self.mv_groups)):
             group = self.mv_groups[rid]
-            if not group.running and not group.results:
+            if group.merging or (not group.running and not group.results):
                 continue
             children = [c.request_id for c in group.running.values()]
             for res in group.results.values():
@@ -386,12 +390,15 @@ class MultiverseScheduler(Scheduler):
                 return text, RequestStatus.FINISHED_LENGTH_CAPPED, None
         return text, None, None
 
-    def _merge(self, group: ForkGroup) -> None:
+    def _merge(self, group: ForkGroup) -> bool:
+        """Merge a fork whose text is decided; False if the KV does not fit yet."""
         parent = group.parent
         rid = parent.request_id
+        text, finish, stop_reason = self._text_in_order(group)
+        if finish is None and not self._make_room(self._merge_blocks_needed(group)):
+            return False
         del self.mv_groups[rid]
         track = self.mv_tracks[rid]
-        text, finish, stop_reason = self._text_in_order(group)
         if finish is not None:
             parent.stop_reason = stop_reason
             # Later Paths are past the end of the text: drop them.
@@ -409,11 +416,33 @@ class MultiverseScheduler(Scheduler):
             self._emit(parent, text, finished=True)
             self.mv_tracks.pop(rid, None)
             self._free_request(parent)
-            return
+            return True
         self._splice_kv(group)
+        track.merged = True
         parent.status = RequestStatus.PREEMPTED
         self._enqueue_waiting_request(parent)
         self._emit(parent, text, finished=False)
+        return True
+
+    def _merge_blocks_needed(self, group: ForkGroup) -> int:
+        B = self.block_size
+        n1 = group.prefix_len + len(group.results[0].tokens)
+        total = n1 + sum(len(group.results[k].tokens) for k in range(1, len(group.headers)))
+        return max(0, _cdiv(total, B) - _cdiv(n1, B))
+
+    def _make_room(self, blocks: int) -> bool:
+        """Free blocks for a merge by preempting the newest running requests
+        that vLLM can recompute exactly (no merged KV of their own)."""
+        pool = self.kv_cache_manager.block_pool
+        for req in reversed(list(self.running)):
+            if pool.get_num_free_blocks() >= blocks:
+                break
+            track = self.mv_tracks.get(req.request_id)
+            if track is not None and track.merged:
+                continue
+            self.running.remove(req)
+            self._preempt_request(req, time.monotonic())
+        return pool.get_num_free_blocks() >= blocks
 
     def _splice_kv(self, group: ForkGroup) -> None:
         """Give the parent branch 1's blocks, and copy Paths 2..N after them."""
