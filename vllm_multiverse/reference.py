@@ -30,10 +30,6 @@ class ReferenceOutput:
     logprobs: list[float | None] = field(default_factory=list)  # None for written tokens
     finish_reason: str = "length"  # "stop" (EOS / stop token) or "length"
 
-    @property
-    def num_sampled(self) -> int:
-        return len(self.written) - sum(self.written)
-
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[q, k] bool -> [1, 1, q, k] additive float mask (0 / dtype min)."""

@@ -144,11 +144,6 @@ class StructureState:
         """Parallel blocks opened and not yet closed (causal ones included)."""
         return len(self._stack)
 
-    @property
-    def next_position(self) -> int:
-        """Position of the next token if it is not a <Path>/<Conclusion> tag."""
-        return self._next_pos
-
     def fork(self) -> StructureState:
         """An independent copy (a branch continues from its parent's state)."""
         return copy.deepcopy(self)

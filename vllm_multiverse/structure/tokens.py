@@ -58,10 +58,6 @@ class MultiverseTokens:
         lead = self.path_header_lead if first else ()
         return lead + (self.path_open,) + self.path_header_mid + label
 
-    @property
-    def tag_ids(self) -> tuple[int, ...]:
-        return tuple(getattr(self, _attr(name)) for name in TAG_NAMES)
-
     # Config round trip (lists, not sets, so that it is JSON).
     def to_config(self) -> dict[str, Any]:
         cfg = asdict(self)

@@ -10,8 +10,6 @@ transformers (which picks that class for a ``qwen2`` model) and in vLLM.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import AddedToken
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
@@ -64,8 +62,3 @@ def build_tokenizer() -> Qwen2Tokenizer:
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
-
-def save_tokenizer(path: str | Path) -> Qwen2Tokenizer:
-    tok = build_tokenizer()
-    tok.save_pretrained(str(path))
-    return tok
