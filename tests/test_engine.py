@@ -206,3 +206,36 @@ def test_acceptance_200_prompts(llm, batch):
         got += [list(o.outputs[0].token_ids) for o in outs]
     for p, g in zip(prompts, got):
         assert g == reference_output(tuple(p), MAX_TOKENS)[0]
+
+
+def test_stop_token_ids_and_max_tokens_apply_in_text_order(llm):
+    """A stop token or the max_tokens cut inside a later Path ends the text
+    exactly where the sequential reference ends it."""
+    from engine_harness import reference, tokenizer
+
+    tok = tokenizer()
+    prompts = held_out_prompts(16)[3:7]
+    for p in prompts:
+        ref_full, _ = reference_output(tuple(p), MAX_TOKENS)
+        # A stop id that first appears inside the second Path of the text.
+        second = [i for i, t in enumerate(ref_full) if t == tok.convert_tokens_to_ids("</Path>")][0]
+        stop = next(t for t in ref_full[second + 8 :] if t not in ref_full[: second + 8])
+        for kw in ({"stop_token_ids": [stop]}, {"max_tokens": second + 20}):
+            params = greedy(**({"max_tokens": MAX_TOKENS} | kw))
+            out = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0]
+            want = reference().generate(p, max_tokens=params.max_tokens, stop_token_ids=kw.get("stop_token_ids", ()))
+            assert list(out.token_ids) == want.token_ids
+            assert out.finish_reason == want.finish_reason
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    from vllm import SamplingParams
+
+    p = held_out_prompts(16)[4]
+
+    def run(seed):
+        sp = SamplingParams(temperature=1.0, seed=seed, max_tokens=400, skip_special_tokens=False)
+        return list(llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0].outputs[0].token_ids)
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b and a != c
