@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,18 +28,15 @@ def tiny_model_dir() -> Path:
     return TINY_MODEL
 
 
-@pytest.fixture
-def env_var():
-    """Set environment variables for one test, restored afterwards."""
-    saved = {}
-
-    def set_(name, value):
-        saved.setdefault(name, os.environ.get(name))
-        os.environ[name] = value
-
-    yield set_
-    for name, value in saved.items():
-        if value is None:
+@contextlib.contextmanager
+def environ(name: str, value: str):
+    """An environment variable set for a block (module fixtures use it)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
             os.environ.pop(name, None)
         else:
-            os.environ[name] = value
+            os.environ[name] = saved

@@ -1,11 +1,9 @@
 """The fork/merge engine through vllm.LLM on the tiny model: token-identical
 to the sequential reference, sharing prefix blocks, merging without recompute."""
 
-import os
-
 import pytest
 
-from conftest import LLM_DEFAULTS
+from conftest import LLM_DEFAULTS, environ
 from engine_harness import held_out_prompts, reference_output
 
 MAX_TOKENS = 1500
@@ -13,21 +11,16 @@ MAX_TOKENS = 1500
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    # The engine core in this process, so that tests can look at the scheduler.
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
     from vllm_multiverse.plugin import register
 
     register()  # vLLM may have loaded plugins in this process under another allow-list
-    llm = LLM(model=str(tiny_model_dir), **LLM_DEFAULTS)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    if saved is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    # The engine core in this process, so that tests can look at the scheduler.
+    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        llm = LLM(model=str(tiny_model_dir), **LLM_DEFAULTS)
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
 
 
 def scheduler(llm):

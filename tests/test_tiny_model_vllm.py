@@ -1,30 +1,24 @@
 """The shipped tiny model loads and generates in vLLM's CPU build (plugin
 inactive), and agrees with the reference where no Multiverse rule applies."""
 
-import os
-
 import pytest
 
-from conftest import LLM_DEFAULTS
+from conftest import LLM_DEFAULTS, environ
 from vllm_multiverse.reference import ReferenceDecoder
 from vllm_multiverse.training.train import chat_prompt, held_out_tasks
 
 
 @pytest.fixture(scope="module")
 def plain_llm(tiny_model_dir):
-    saved = os.environ.get("VLLM_PLUGINS")
-    os.environ["VLLM_PLUGINS"] = "none"  # an allow-list naming no plugin
     from vllm import LLM
 
-    # Off twice over: no plugin in the engine's processes, and off for this
-    # engine should another test have registered the plugin in this process.
-    llm = LLM(model=str(tiny_model_dir), additional_config={"multiverse": {"enabled": False}}, **LLM_DEFAULTS)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    if saved is None:
-        os.environ.pop("VLLM_PLUGINS")
-    else:
-        os.environ["VLLM_PLUGINS"] = saved
+    # Off twice over: no plugin in the engine's processes (an allow-list
+    # naming none), and off for this engine should another test have
+    # registered the plugin in this process.
+    with environ("VLLM_PLUGINS", "none"):
+        llm = LLM(model=str(tiny_model_dir), additional_config={"multiverse": {"enabled": False}}, **LLM_DEFAULTS)
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
 
 
 def test_vllm_generates_plain_answers_like_the_reference(plain_llm, tiny_model_dir):
