@@ -69,7 +69,6 @@ class Track:
 class BranchResult:
     tokens: list[int]  # the Path's text tokens (the shared lead only for Path 1)
     num_written: int  # leading engine-written tokens of ``tokens``
-    computed: int  # tokens of the branch with KV
     blocks: list  # KV blocks (group 0), still referenced
 
 
@@ -353,7 +352,6 @@ class MultiverseScheduler(Scheduler):
         group.results[k] = BranchResult(
             tokens=list(request.all_token_ids[start:]),
             num_written=written,
-            computed=request.num_computed_tokens,
             blocks=self.kv_cache_manager.pop_blocks_for_free(request),
         )
         group.running.pop(k, None)
@@ -424,11 +422,17 @@ class MultiverseScheduler(Scheduler):
         self._emit(parent, text, finished=False)
         return True
 
-    def _merge_blocks_needed(self, group: ForkGroup) -> int:
-        B = self.block_size
+    @staticmethod
+    def _merged_lengths(group: ForkGroup) -> tuple[int, int]:
+        """Tokens with KV after the merge: through Path 1 (branch 1's own
+        blocks), and through the last Path (copies included)."""
         n1 = group.prefix_len + len(group.results[0].tokens)
         total = n1 + sum(len(group.results[k].tokens) for k in range(1, len(group.headers)))
-        return max(0, _cdiv(total, B) - _cdiv(n1, B))
+        return n1, total
+
+    def _merge_blocks_needed(self, group: ForkGroup) -> int:
+        n1, total = self._merged_lengths(group)
+        return max(0, _cdiv(total, self.block_size) - _cdiv(n1, self.block_size))
 
     def _make_room(self, blocks: int) -> bool:
         """Free blocks for a merge by preempting the newest running requests
@@ -449,8 +453,7 @@ class MultiverseScheduler(Scheduler):
         B = self.block_size
         parent = group.parent
         r1 = group.results[0]
-        n1 = group.prefix_len + len(r1.tokens)  # branch 1's text, all with KV
-        total = n1 + sum(len(group.results[k].tokens) for k in range(1, len(group.headers)))
+        n1, total = self._merged_lengths(group)
         own = r1.blocks[: _cdiv(n1, B)]
         spare = r1.blocks[_cdiv(n1, B):]
         fresh = self.kv_cache_manager.block_pool.get_new_blocks(max(0, _cdiv(total, B) - len(own)))
