@@ -35,3 +35,27 @@ def held_out_prompts(n: int) -> list[list[int]]:
 def reference_output(prompt: tuple[int, ...], max_tokens: int) -> tuple[list[int], str]:
     out = reference().generate(list(prompt), max_tokens=max_tokens)
     return out.token_ids, out.finish_reason
+
+
+MAX_TOKENS = 1500
+
+
+def scheduler(llm):
+    """The engine core's scheduler (the engine core must run in-process)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def greedy(max_tokens=MAX_TOKENS, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False, **kw)
+
+
+def step_until(llm, predicate, limit=3000):
+    engine = llm.llm_engine
+    outs = []
+    for _ in range(limit):
+        outs += engine.step()
+        if predicate():
+            return outs
+    raise AssertionError("condition not reached")

@@ -4,9 +4,7 @@ to the sequential reference, sharing prefix blocks, merging without recompute.""
 import pytest
 
 from conftest import LLM_DEFAULTS, environ
-from engine_harness import held_out_prompts, reference_output
-
-MAX_TOKENS = 1500
+from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference_output, scheduler, step_until
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +21,6 @@ def llm(tiny_model_dir):
         llm.llm_engine.engine_core.shutdown()
 
 
-def scheduler(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
-
-
-def greedy(max_tokens=MAX_TOKENS, **kw):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False, **kw)
 
 
 def test_engine_is_multiverse(llm):
@@ -55,16 +45,6 @@ def test_greedy_outputs_equal_the_reference(llm, batch):
     assert sched.mv_stats["forks"] > forks0
 
 
-def _step_until(llm, predicate, limit=3000):
-    engine = llm.llm_engine
-    outs = []
-    for _ in range(limit):
-        outs += engine.step()
-        if predicate():
-            return outs
-    raise AssertionError("condition not reached")
-
-
 def _group_of(sched, name):
     """The open fork of the request the test added as ``name`` (vLLM may
     extend request ids internally)."""
@@ -82,7 +62,7 @@ def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
     sched = scheduler(llm)
     prompt = held_out_prompts(16)[0]
     llm.llm_engine.add_request("share", {"prompt_token_ids": prompt}, greedy())
-    _step_until(llm, lambda: _group_of(sched, "share") is not None and _group_of(sched, "share").running)
+    step_until(llm, lambda: _group_of(sched, "share") is not None and _group_of(sched, "share").running)
     group = _group_of(sched, "share")
     mgr = sched.kv_cache_manager
     parent_blocks = mgr.get_blocks(group.parent.request_id).blocks[0]
@@ -115,7 +95,7 @@ def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
         del sched.schedule
     assert len(steps) > 5
     assert all(branch_ids <= s for s in steps[:-1])
-    _step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
+    step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
 
 
 def test_abort_parent_aborts_branches_and_frees_blocks(llm):
@@ -123,7 +103,7 @@ def test_abort_parent_aborts_branches_and_frees_blocks(llm):
     free0 = _free_blocks(llm)
     prompt = held_out_prompts(16)[1]
     llm.llm_engine.add_request("abort-me", {"prompt_token_ids": prompt}, greedy())
-    _step_until(llm, lambda: _group_of(sched, "abort-me") is not None and len(_group_of(sched, "abort-me").running) >= 2)
+    step_until(llm, lambda: _group_of(sched, "abort-me") is not None and len(_group_of(sched, "abort-me").running) >= 2)
     parent_id = _group_of(sched, "abort-me").parent.request_id
     branch_ids = [c.request_id for c in _group_of(sched, "abort-me").running.values()]
     for _ in range(3):

@@ -23,6 +23,10 @@ class MultiverseConfig:
     max_branches_per_request: int = 64
     # False: every block's Paths one after another (a baseline for benchmarks).
     parallel: bool = True
+    # vLLM's enable_prefix_caching as the user set it. Branches share blocks
+    # through vLLM's prefix-cache machinery, so that stays on; off here means
+    # no request reads the cache.
+    prefix_caching: bool = True
     # The structure rule's own limits (malformed beyond them: causal text).
     max_outlines: int = StructureConfig.max_outlines
     max_nesting: int = StructureConfig.max_depth

@@ -17,12 +17,18 @@
   step), the Conclusion header is appended, and the parent resumes with the
   whole text in order. Stop conditions and ``max_tokens`` apply in text
   order, as in the sequential reference.
+- Preemption: vLLM recomputes a preempted request from its tokens, which is
+  right for plain text but not for merged Paths (they must not see each
+  other). A request that went through merges is cut back to its first
+  ``</Goal>`` and replays its recorded merges: the same forks, each branch
+  prefilling its recorded Path, the same merges, emitting nothing twice.
 """
 
 from __future__ import annotations
 
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -58,6 +64,11 @@ class Track:
     draining: bool = False  # tail seen: one more step computes its KV
     fork_due: bool = False  # the prompt ends with a </Goal>: fork after prefill
     merged: bool = False  # holds merged KV: a plain recompute would be wrong
+    history: list[MergeRecord] = field(default_factory=list)  # merges so far
+    # While replaying after a preemption: recorded tokens still to re-append,
+    # and the recorded merges still to redo.
+    replay: deque[int] = field(default_factory=deque)
+    replay_merges: list[MergeRecord] = field(default_factory=list)
 
     def append(self, tok: int):
         ev = self.state.append(tok)
@@ -70,6 +81,17 @@ class BranchResult:
     tokens: list[int]  # the Path's text tokens (the shared lead only for Path 1)
     num_written: int  # leading engine-written tokens of ``tokens``
     blocks: list  # KV blocks (group 0), still referenced
+    outputs: list[int]  # the branch's output tokens (after its header)
+    history: list[MergeRecord]  # the branch's own (nested) merges
+
+
+@dataclass
+class MergeRecord:
+    """One merge a request went through, enough to redo it exactly."""
+
+    state: StructureState  # the request's structure through the </Goal>
+    prefix_len: int  # tokens through the </Goal>
+    paths: list[tuple[list[int], list[MergeRecord]]]  # per Path: outputs, nested merges
 
 
 @dataclass
@@ -87,6 +109,8 @@ class ForkGroup:
     pending: list[int] = field(default_factory=list)
     results: dict[int, BranchResult] = field(default_factory=dict)
     merging: bool = False  # queued for its merge
+    state: StructureState | None = None  # the parent's structure at the fork
+    replay: MergeRecord | None = None  # redoing this recorded merge
 
 
 class MultiverseScheduler(Scheduler):
@@ -117,6 +141,8 @@ class MultiverseScheduler(Scheduler):
             "fallbacks": 0,
             "rollbacks": 0,
             "parallel_tokens": 0,
+            "preemptions": 0,
+            "replays": 0,
         }
         self._to_fork: list[Request] = []
         self._to_merge: list[ForkGroup] = []
@@ -134,6 +160,8 @@ class MultiverseScheduler(Scheduler):
             ev = track.state.event
             track.fork_due = ev is not None and ev.kind is EventKind.FORK
             self.mv_tracks[request.request_id] = track
+        if not self.mv_config.prefix_caching:
+            request.skip_reading_prefix_cache = True
         super().add_request(request)
 
     def _new_track(self, token_ids) -> Track:
@@ -145,11 +173,12 @@ class MultiverseScheduler(Scheduler):
     # -- scheduling ----------------------------------------------------------
 
     def schedule(self, *args, **kwargs):
+        self._relieve_pressure()
         out = super().schedule(*args, **kwargs)
         if out.total_num_scheduled_tokens == 0 and (self.waiting or self.kv_holding_waiting):
             # Nothing fits: finished branches and parked parents hold the KV
-            # the waiting branches need. Give one fork's memory back.
-            self._roll_back_newest_fork()
+            # the waiting branches need. Give one tree's memory back.
+            self._give_back_memory()
         positions: dict[str, int | list[int]] = {}
         for rid, n in out.num_scheduled_tokens.items():
             track = self.mv_tracks.get(rid)
@@ -258,7 +287,10 @@ class MultiverseScheduler(Scheduler):
             budget=parent.max_tokens - parent.num_output_tokens,
             concurrency=1 if fallback else n,
             pending=list(range(n)),
+            state=track.state.fork(),
         )
+        if track.replay_merges and track.replay_merges[0].prefix_len == parent.num_tokens:
+            group.replay = track.replay_merges.pop(0)
         self.running.remove(parent)
         self.mv_groups[rid] = group
         self.mv_stats["forks"] += 1
@@ -298,6 +330,7 @@ class MultiverseScheduler(Scheduler):
             priority=parent.priority,
             block_hasher=parent._block_hasher,
         )
+        child.skip_reading_prefix_cache = parent.skip_reading_prefix_cache
         computed = parent.num_computed_tokens
         blocks = self.kv_cache_manager.get_blocks(parent.request_id).blocks
         shared = KVCacheBlocks(tuple(list(g[: _cdiv(computed, self.block_size)]) for g in blocks))
@@ -310,12 +343,81 @@ class MultiverseScheduler(Scheduler):
         track = Track(ptrack.state.fork(), array("q", ptrack.positions), group=group, index=k)
         for tok in header:
             track.append(tok)
+        if group.replay is not None:
+            outputs, merges = group.replay.paths[k]
+            track.replay = deque(outputs)
+            track.replay_merges = list(merges)
+            self._advance_replay(child, track)
         self.mv_tracks[bid] = track
         self.requests[bid] = child
         self._enqueue_waiting_request(child)
         group.running[k] = child
         self.mv_branches_per_root[group.root_id] = self.mv_branches_per_root.get(group.root_id, 0) + 1
         return True
+
+    # -- memory pressure ----------------------------------------------------
+    #
+    # vLLM preempts its newest running request when a step does not fit. For
+    # a branch that frees little (its parked parent keeps its blocks) and the
+    # tree may never finish, so the unit of preemption here is a whole tree:
+    # a root request, its parked forks and all their branches, newest first.
+    # A lone tree that does not fit runs its Paths one at a time instead.
+
+    def _relieve_pressure(self) -> None:
+        if not self.mv_groups:
+            return
+        while self._blocks_short() > 0:
+            roots = self._active_roots()
+            if len(roots) < 2:
+                return
+            self._preempt_tree(max(roots, key=lambda r: r.arrival_time))
+
+    def _give_back_memory(self) -> None:
+        roots = self._active_roots()
+        if len(roots) >= 2:
+            self._preempt_tree(max(roots, key=lambda r: r.arrival_time))
+        else:
+            self._roll_back_newest_fork()
+
+    def _blocks_short(self) -> int:
+        """Blocks the running requests' next token each needs beyond the free
+        ones (a prefill's further chunks are vLLM's to fit)."""
+        mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
+        need = 0
+        for req in self.running:
+            have = len(mgr.req_to_blocks.get(req.request_id, ()))
+            need += max(0, _cdiv(req.num_computed_tokens + 1, self.block_size) - have)
+        return need - self.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def _active_roots(self) -> list[Request]:
+        """Root requests holding KV: running, or parked at a fork."""
+        roots: dict[str, Request] = {}
+        for req in list(self.running) + [g.parent for g in self.mv_groups.values()]:
+            rid = self._root_id(req) if req.request_id in self.mv_tracks else req.request_id
+            roots[rid] = self.requests[rid]
+        return list(roots.values())
+
+    def _preempt_tree(self, root: Request) -> None:
+        group = self.mv_groups.get(root.request_id)
+        if group is None:
+            self.running.remove(root)
+        else:
+            del self.mv_groups[root.request_id]
+            if group in self._to_merge:
+                self._to_merge.remove(group)
+            self._abort_branches(group)
+        self._preempt_request(root, time.monotonic())
+        logger.debug("KV exhausted: preempted the tree of %s", root.request_id)
+
+    def _abort_branches(self, group: ForkGroup) -> None:
+        """Drop every branch of a fork and the KV of the Paths done so far."""
+        children = [c.request_id for c in group.running.values()]
+        for res in group.results.values():
+            self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
+        group.results.clear()
+        group.running.clear()
+        group.pending.clear()
+        self.finish_requests(children, RequestStatus.FINISHED_ABORTED)
 
     def _roll_back_newest_fork(self) -> None:
         """Drop the work of the newest fork that has any, to run its Paths one
@@ -325,12 +427,7 @@ class MultiverseScheduler(Scheduler):
             group = self.mv_groups[rid]
             if group.merging or (not group.running and not group.results):
                 continue
-            children = [c.request_id for c in group.running.values()]
-            for res in group.results.values():
-                self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
-            group.results.clear()
-            group.running.clear()
-            self.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+            self._abort_branches(group)
             group.pending = list(range(len(group.headers)))
             group.concurrency = 1
             self.mv_stats["rollbacks"] += 1
@@ -353,6 +450,8 @@ class MultiverseScheduler(Scheduler):
             tokens=list(request.all_token_ids[start:]),
             num_written=written,
             blocks=self.kv_cache_manager.pop_blocks_for_free(request),
+            outputs=list(request.output_token_ids),
+            history=track.history,
         )
         group.running.pop(k, None)
         self.mv_branches_per_root[group.root_id] -= 1
@@ -417,9 +516,16 @@ class MultiverseScheduler(Scheduler):
             return True
         self._splice_kv(group)
         track.merged = True
+        n = len(group.headers)
+        track.history.append(
+            MergeRecord(group.state, group.prefix_len, [(group.results[k].outputs, group.results[k].history) for k in range(n)])
+        )
+        if group.replay is None:
+            self._emit(parent, text, finished=False)
+        else:
+            self._advance_replay(parent, track)  # the client has these tokens already
         parent.status = RequestStatus.PREEMPTED
         self._enqueue_waiting_request(parent)
-        self._emit(parent, text, finished=False)
         return True
 
     @staticmethod
@@ -490,6 +596,51 @@ class MultiverseScheduler(Scheduler):
             )
         )
 
+    # -- preemption -----------------------------------------------------------
+
+    def _preempt_request(self, request: Request, timestamp: float, *args, **kwargs) -> None:
+        super()._preempt_request(request, timestamp, *args, **kwargs)
+        self.mv_stats["preemptions"] += 1
+        track = self.mv_tracks.get(request.request_id)
+        if track is None:
+            return
+        if track.history:
+            self._rewind(request, track)
+        # A parent preempted at its fork forks again once recomputed.
+        ev = track.state.event
+        track.fork_due = ev is not None and ev.kind is EventKind.FORK
+
+    def _rewind(self, request: Request, track: Track) -> None:
+        """Cut a preempted request back to its first recorded fork; the merges
+        are redone from the record when it runs again."""
+        first = track.history[0]
+        cut = first.prefix_len
+        recorded = list(request.all_token_ids[cut:]) + list(track.replay)
+        del request._output_token_ids[cut - request.num_prompt_tokens :]
+        del request._all_token_ids[cut:]
+        del request.block_hashes[cut // self.hash_block_size :]
+        track.state = first.state.fork()
+        del track.positions[cut:]
+        track.replay = deque(recorded)
+        track.replay_merges = track.history + track.replay_merges
+        track.history = []
+        track.merged = track.draining = False
+        self.mv_stats["replays"] += 1
+        logger.debug("preempted %s: replays %d merges", request.request_id, len(track.replay_merges))
+
+    def _advance_replay(self, request: Request, track: Track) -> None:
+        """Re-append recorded tokens up to the next merge to redo, or to the end."""
+        stop_at = track.replay_merges[0].prefix_len if track.replay_merges else -1
+        while track.replay and request.num_tokens != stop_at:
+            tok = track.replay.popleft()
+            request.append_output_token_ids(tok)
+            ev = track.append(tok)
+            if ev is not None and ev.kind is not EventKind.FORK and track.group is not None:
+                if ev.block == track.group.block_uid:
+                    track.draining = True
+        ev = track.state.event
+        track.fork_due = ev is not None and ev.kind is EventKind.FORK
+
     # -- abort --------------------------------------------------------------
 
     def finish_requests(self, request_ids, finished_status):
@@ -502,6 +653,8 @@ class MultiverseScheduler(Scheduler):
             group = self.mv_groups.pop(todo.pop(), None)
             if group is None:
                 continue
+            if group in self._to_merge:
+                self._to_merge.remove(group)
             for k, child in group.running.items():
                 ids.add(child.request_id)
                 todo.append(child.request_id)

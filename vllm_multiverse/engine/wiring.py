@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.log import init_logger
 from vllm_multiverse.model_config import read_multiverse_config
@@ -45,8 +47,9 @@ def configure_engine(vllm_config) -> bool:
     else:
         raise NotImplementedError("Multiverse decoding runs on vLLM's CPU build for now")
     if not vllm_config.cache_config.enable_prefix_caching:
-        # Branches share the parent's blocks through the prefix-cache API.
-        logger.warning("Multiverse decoding turns prefix caching on")
+        # Branches share the parent's blocks through the prefix-cache API;
+        # the scheduler keeps requests from reading the cache instead.
+        cfg = replace(cfg, prefix_caching=False)
         vllm_config.cache_config.enable_prefix_caching = True
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg.to_dict()}
     logger.info("Multiverse decoding on for %s", vllm_config.model_config.model)

@@ -1,0 +1,110 @@
+"""The engine with a KV cache too small for its batch, and prefix caching off:
+preemption happens, merged requests replay their merges, outputs stay exact."""
+
+import pytest
+
+from conftest import LLM_DEFAULTS, environ
+from engine_harness import greedy, held_out_prompts, reference_output, scheduler, step_until
+
+# 23 blocks of 128 tokens: one 2,048-token request fits, a batch of forks does not.
+KV_BYTES = 12 * 2**20
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    from vllm import LLM
+
+    from vllm_multiverse.plugin import register
+
+    register()
+    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        llm = LLM(
+            model=str(tiny_model_dir),
+            **(LLM_DEFAULTS | {"kv_cache_memory_bytes": KV_BYTES, "enable_prefix_caching": False}),
+        )
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _idle(llm) -> bool:
+    sched = scheduler(llm)
+    pool = sched.kv_cache_manager.block_pool
+    return (
+        not sched.mv_groups
+        and not sched.mv_tracks
+        and not sched.requests
+        and pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # vLLM's null block
+    )
+
+
+def test_prefix_caching_off_means_no_cache_reads(llm):
+    sched = scheduler(llm)
+    assert not sched.mv_config.prefix_caching
+    prompt = held_out_prompts(4)[0]
+    first, second = (llm.generate([{"prompt_token_ids": prompt}], greedy(), use_tqdm=False)[0] for _ in range(2))
+    assert second.num_cached_tokens == 0
+    assert list(first.outputs[0].token_ids) == list(second.outputs[0].token_ids)
+    assert list(first.outputs[0].token_ids) == reference_output(tuple(prompt), 1500)[0]
+
+
+def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
+    sched = scheduler(llm)
+    stats0 = dict(sched.mv_stats)
+    prompts = held_out_prompts(24)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    assert sched.mv_stats["preemptions"] > stats0["preemptions"]
+    assert sched.mv_stats["merges"] > stats0["merges"]
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
+    assert _idle(llm)
+
+
+def test_preempted_merged_request_replays_its_merges(llm):
+    """Preempt a request right after a merge: it must come back with the same
+    KV (the same forks and merges again), not a causal recompute of its Paths."""
+    from engine_harness import tokenizer
+    from vllm_multiverse.training.train import held_out_tasks
+
+    sched = scheduler(llm)
+    tasks = [t for t in held_out_tasks(200) if len(t.rounds) == 2]
+    prompt = tokenizer().encode(
+        tokenizer().apply_chat_template(
+            [{"role": "user", "content": tasks[0].prompt()}], add_generation_prompt=True, tokenize=False
+        ),
+        add_special_tokens=False,
+    )
+    llm.llm_engine.add_request("replay", {"prompt_token_ids": prompt}, greedy())
+
+    def merged_and_running():
+        return any(
+            r.request_id.startswith("replay") and sched.mv_tracks[r.request_id].history for r in sched.running
+        )
+
+    outs = step_until(llm, merged_and_running)
+    (req,) = [r for r in sched.running if r.request_id.startswith("replay")]
+    n_out = req.num_output_tokens
+    forks0, replays0 = sched.mv_stats["forks"], sched.mv_stats["replays"]
+    sched._preempt_tree(req)
+    # Cut back to the first fork's </Goal>; nothing the client has is lost.
+    assert req.num_output_tokens < n_out
+    outs += step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
+    assert sched.mv_stats["replays"] == replays0 + 1
+    assert sched.mv_stats["forks"] > forks0  # the recorded fork, done again
+    final = [o for o in outs if o.request_id.startswith("replay") and o.finished]
+    assert final and list(final[-1].outputs[0].token_ids) == reference_output(tuple(prompt), 1500)[0]
+    assert _idle(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [8, 64])
+def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
+    sched = scheduler(llm)
+    preemptions0 = sched.mv_stats["preemptions"]
+    prompts = held_out_prompts(200)
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
+        for p, o in zip(chunk, outs):
+            assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
+    assert sched.mv_stats["preemptions"] > preemptions0
+    assert _idle(llm)
