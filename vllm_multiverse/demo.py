@@ -50,7 +50,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     tasks = held_out_tasks(200)
     picks = [next(t for t in tasks if not t.parallel), tasks[0], next(t for t in tasks if len(t.rounds) > 1)]
-    picks.append(next(t for t in tasks if any(len(g.parts) > 1 for g in t.groups)))
+    picks.append(next(t for t in tasks if t.split is not None))
     for task in picks:
         prompt = task.prompt()
         ids = tok.encode(chat_prompt(tok, prompt), add_special_tokens=False)

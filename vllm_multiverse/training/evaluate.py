@@ -111,13 +111,15 @@ Multiverse attention and positions from `vllm_multiverse.structure`, to write
 Multiverse MapReduce structure on a synthetic task. It exists to test and
 demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 
-- Task (`vllm_multiverse/training/tasks.py`): "Add up each group." over 1 to 8
-  numbered groups of distinct digits; one Outline and one Path per group
-  (each Path restates its group's digits, adds them step by step and ends
-  with `{{label}}={{sum}}`), a Conclusion listing every `label=sum`, and
-  `Answer:` repeating it. One group gets a plain answer (no Parallel block);
-  two rounds of groups give two blocks one after the other; a group split
-  with "/" gets a block nested in its Path.
+- Task (`vllm_multiverse/training/tasks.py`): "Start at S and add k eight
+  times, for k = 1 to N." One Outline and one Path per k (N from 2 to 8);
+  Path k writes its eight additions and ends with `{{label}}={{result}}`, the
+  Conclusion lists every `label=result`, and `Answer:` lists the results.
+  A single k gets a plain answer (no Parallel block); "k = 1 to 3, then
+  k = 4 to 6" gives two blocks one after the other; "Split k = 2 in halves."
+  gives a block nested in that Path. The label is the sub-task's data, so a
+  Path needs nothing from the prompt but S (an earlier format, with each
+  Path's data under its label in the prompt, was not learned at this size).
 - Format: the authors' (twelve tag tokens, every tag on its own line,
   "Let's think in parallel." before each block, labels `1:`, nested `1.1:`),
   with the engine-written headers `\\n<Path>\\n{{label}}` and `<Conclusion>\\n`.
@@ -148,12 +150,9 @@ Reproduce: `python -m vllm_multiverse.training.evaluate models/multiverse-tiny -
 WEAKNESS = """
 ## Known weakness
 
-The structure is right, the answers are not: inside a Path the step-by-step
-additions are correct for the digits the Path restated, but the Path does not
-reliably restate *its own* group's digits (finding the group in the prompt by
-its label was not learned in this training budget). The model is a test
-vehicle for the engine (its outputs are compared token by token with the
-sequential reference), not an arithmetic model.
+Final answers miss the 90% target. The model is a test vehicle for the
+engine (its outputs are compared token by token with the sequential
+reference), not an arithmetic model.
 """
 
 

@@ -1,24 +1,31 @@
 """A synthetic MapReduce task that makes parallel decoding worth it.
 
-The prompt lists numbered groups of distinct digits; the answer is the sum
-of every group. Each group is an independent sub-task written out step by
-step (20 to 80 tokens), so a Goal gets one Outline per group, one Path per
-Outline, and a Conclusion that collects the Path results into the final,
-exactly checkable answer:
+"Start at S and add k eight times, for k = 1 to N.": sub-task k is S + 8k,
+written out as eight additions (about 70 tokens), so a Goal gets one Outline
+per k, one Path per Outline, and a Conclusion that collects the Path results
+into the final, exactly checkable answer:
 
-- one group: a plain answer, no Parallel block (the sequential path);
-- 2 to 8 groups: one Parallel block;
-- two rounds of groups ("1: ... | 2: ... ; 3: ... | 4: ..."): two blocks one
-  after the other (labels continue across rounds);
-- a group split in parts ("1: 3 5 9 / 8 2 4"): that group's Path holds a
-  nested block with one Path per part ("1.1:", "1.2:"), and adds their sums.
+- one k ("Start at 23 and add 4 eight times."): a plain answer, no Parallel
+  block (the sequential path);
+- k = 1 to N, N from 2 to 8: one Parallel block;
+- "for k = 1 to 3, then k = 4 to 6": two blocks one after the other (labels
+  continue across rounds);
+- "Split k = 2 in halves.": that Path holds a nested block, "2.1:" adding 2
+  four times to S and "2.2:" adding 2 four times to 0, and adds the halves.
+
+Why this task: a Path knows which sub-task is its own only from the label
+the engine wrote into its header (Paths share positions). Sub-tasks whose
+data sit in the prompt under their label ("1: 3 5 9 | 2: ...") need the
+model to find its group by label; models this small trained for 30 minutes
+did not learn that (0% exact answers, twice). Here the label is the data:
+Path k adds k, and the only other input, S, is shared by every Path.
 
 The texts follow the authors' serialisation (research notes, section 1.1):
 every tag on its own line, "Let's think in parallel." before each block,
 numeric labels, and the Path texts begin exactly with the headers the engine
-writes ("\\n<Path>\\n{label}:"). Every Path ends with "{label}={sum}", so the
-Conclusion (and the answer, which repeats it) can find each result by its
-label: Paths share positions, only their content tells them apart.
+writes ("\\n<Path>\\n{label}:"). Every Path ends with "{label}={result}", so
+the Conclusion can find each result by its label; the answer lists the
+results in label order.
 """
 
 from __future__ import annotations
@@ -29,123 +36,108 @@ from dataclasses import dataclass
 
 PARALLEL_CUE = "Let's think in parallel."
 ANSWER_CUE = "Answer:"
-INSTRUCTION = "Add up each group."
-
-
-@dataclass(frozen=True)
-class Group:
-    label: str
-    parts: tuple[tuple[int, ...], ...]  # one part, or several for a nested block
-
-    @property
-    def digits(self) -> tuple[int, ...]:
-        return tuple(d for p in self.parts for d in p)
-
-    @property
-    def total(self) -> int:
-        return sum(self.digits)
-
-    def body(self) -> str:
-        return " / ".join(" ".join(map(str, p)) for p in self.parts)
+REPEATS = 8  # additions per sub-task
+HALVES = (4, 4)  # additions per nested Path of a split sub-task
 
 
 @dataclass(frozen=True)
 class Task:
-    rounds: tuple[tuple[Group, ...], ...]
+    start: int
+    rounds: tuple[tuple[int, ...], ...]  # the values of k, block by block
+    split: int | None = None  # the k whose Path holds a nested block
 
     @property
-    def groups(self) -> tuple[Group, ...]:
-        return tuple(g for r in self.rounds for g in r)
+    def ks(self) -> tuple[int, ...]:
+        return tuple(k for r in self.rounds for k in r)
 
     @property
     def parallel(self) -> bool:
-        return len(self.groups) > 1
+        return len(self.ks) > 1
+
+    def result(self, k: int) -> int:
+        return self.start + REPEATS * k
 
     def prompt(self) -> str:
-        return f"{INSTRUCTION} " + " ; ".join(
-            " | ".join(f"{g.label}: {g.body()}" for g in r) for r in self.rounds
-        )
+        if not self.parallel:
+            return f"Start at {self.start} and add {self.ks[0]} eight times."
+        ranges = ", then ".join(f"k = {r[0]} to {r[-1]}" for r in self.rounds)
+        text = f"Start at {self.start} and add k eight times, for {ranges}."
+        if self.split is not None:
+            text += f" Split k = {self.split} in halves."
+        return text
 
     def answer(self) -> str:
-        return _results(self.groups)
+        return " ".join(str(self.result(k)) for k in self.ks)
 
     def completion(self) -> str:
         """The assistant's whole text, as the model is trained to write it."""
         if not self.parallel:
-            (g,) = self.groups
-            body = f"{g.body()}\n{_steps(g.digits)}"
+            body = _steps(self.start, self.ks[0], REPEATS)
         else:
-            body = "".join(_block(r) for r in self.rounds)
+            body = "".join(self._block(r) for r in self.rounds)
         return f"<Think>\n{body}</Think>\n\n{ANSWER_CUE} {self.answer()}"
 
+    def _block(self, ks: tuple[int, ...]) -> str:
+        out = [_goal([str(k) for k in ks])]
+        for k in ks:
+            work = self._split_work(k) if k == self.split else _steps(self.start, k, REPEATS)
+            out.append(f"<Path>\n{k}:\n{work}{k}={self.result(k)}\n</Path>\n")
+        out.append(_conclusion({str(k): self.result(k) for k in ks}))
+        return "".join(out)
 
-def _results(groups) -> str:
-    return " ".join(f"{g.label}={g.total}" for g in groups)
-
-
-def _steps(digits) -> str:
-    lines, acc = [], digits[0]
-    for d in digits[1:]:
-        lines.append(f"{acc}+{d}={acc + d}")
-        acc += d
-    return "".join(line + "\n" for line in lines)
-
-
-def _block(groups: tuple[Group, ...]) -> str:
-    out = [f"{PARALLEL_CUE}\n<Parallel>\n<Goal>\n"]
-    out += [f"<Outline>\n{g.label}:\n</Outline>\n" for g in groups]
-    out.append("</Goal>\n")
-    for g in groups:
-        out.append(f"<Path>\n{g.label}: {g.body()}\n{_path_work(g)}{g.label}={g.total}\n</Path>\n")
-    out.append(f"<Conclusion>\n{_results(groups)}\n</Conclusion>\n</Parallel>\n")
-    return "".join(out)
+    def _split_work(self, k: int) -> str:
+        (n1, n2), a, b = HALVES, f"{k}.1", f"{k}.2"
+        r1, r2 = self.start + n1 * k, n2 * k
+        return (
+            _goal([a, b])
+            + f"<Path>\n{a}:\n{_steps(self.start, k, n1)}{a}={r1}\n</Path>\n"
+            + f"<Path>\n{b}:\n{_steps(0, k, n2)}{b}={r2}\n</Path>\n"
+            + _conclusion({a: r1, b: r2})
+            + f"{r1}+{r2}={r1 + r2}\n"
+        )
 
 
-def _path_work(g: Group) -> str:
-    if len(g.parts) == 1:
-        return _steps(g.digits)
-    subs = tuple(Group(f"{g.label}.{k + 1}", (p,)) for k, p in enumerate(g.parts))
-    return _block(subs) + _steps(tuple(s.total for s in subs))
+def _goal(labels: list[str]) -> str:
+    outlines = "".join(f"<Outline>\n{label}:\n</Outline>\n" for label in labels)
+    return f"{PARALLEL_CUE}\n<Parallel>\n<Goal>\n{outlines}</Goal>\n"
+
+
+def _conclusion(results: dict[str, int]) -> str:
+    text = " ".join(f"{label}={value}" for label, value in results.items())
+    return f"<Conclusion>\n{text}\n</Conclusion>\n</Parallel>\n"
+
+
+def _steps(acc: int, k: int, n: int) -> str:
+    lines = []
+    for _ in range(n):
+        lines.append(f"{acc}+{k}={acc + k}\n")
+        acc += k
+    return "".join(lines)
 
 
 class TaskSampler:
-    """Seeded task mix: 4% one group, 15% two rounds, 15% with a nested group.
+    """Seeded task mix: 4% one k, 15% two rounds, 15% with a split sub-task.
 
-    Groups hold 6 to 8 distinct digits (Paths of about 50 to 80 tokens) and
-    most prompts have many groups: the sequential part (Outlines, Conclusion,
-    answer) costs about 17 tokens per group, so short Paths or few groups
-    would leave little to parallelise.
+    Most prompts have many sub-tasks: the sequential part (Outlines,
+    Conclusion, answer) costs about 15 tokens per sub-task against a Path of
+    about 75, so few sub-tasks would leave little to parallelise.
     """
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def _group(self, label: str, nested: bool) -> Group:
-        r = self.rng
-        digits = r.sample(range(1, 10), r.randint(6, 8))
-        if not nested:
-            return Group(label, (tuple(digits),))
-        cut = r.randint(3, len(digits) - 3)
-        return Group(label, (tuple(digits[:cut]), tuple(digits[cut:])))
-
     def sample(self) -> Task:
         r = self.rng
+        start = r.randint(10, 35)  # results stay two-digit
         kind = r.random()
         if kind < 0.04:
-            return Task(((self._group("1", False),),))
+            return Task(start, ((r.randint(1, 9),),))
         if kind < 0.19:
-            sizes = (r.randint(5, 6), r.randint(5, 6))
-        else:
-            sizes = (r.choice((2, 3, 4, 5, 6, 7, 7, 8, 8, 8, 8)),)
-        nest_at = r.randrange(sizes[0]) if 0.19 <= kind < 0.34 else -1
-        rounds, k = [], 0
-        for n in sizes:
-            groups = []
-            for _ in range(n):
-                groups.append(self._group(str(k + 1), nested=(k == nest_at)))
-                k += 1
-            rounds.append(tuple(groups))
-        return Task(tuple(rounds))
+            a, b = r.randint(3, 4), r.randint(3, 4)
+            return Task(start, (tuple(range(1, a + 1)), tuple(range(a + 1, a + b + 1))))
+        n = r.choice((2, 3, 4, 5, 6, 7, 7, 8, 8, 8, 8))
+        split = r.randint(1, n) if kind < 0.34 else None
+        return Task(start, (tuple(range(1, n + 1)),), split)
 
 
 _ANSWER_RE = re.compile(re.escape(ANSWER_CUE) + r" ?([0-9=. ]*)")

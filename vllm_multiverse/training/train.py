@@ -31,7 +31,7 @@ HELD_OUT_SEED = 10_000  # evaluation prompts; training uses --seed
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1300
+    steps: int = 1600
     batch_size: int = 8
     lr: float = 3e-3
     warmup: int = 60
@@ -144,8 +144,13 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
 
 
 def held_out_tasks(n: int):
+    """n distinct evaluation tasks; training never sees their prompts."""
     sampler = TaskSampler(HELD_OUT_SEED)
-    return [sampler.sample() for _ in range(n)]
+    tasks: dict[str, object] = {}
+    while len(tasks) < n:
+        task = sampler.sample()
+        tasks.setdefault(task.prompt(), task)
+    return list(tasks.values())
 
 
 def save(model, tok, tokens: MultiverseTokens, out: Path) -> None:
