@@ -207,8 +207,10 @@ def test_seeded_sampling_is_reproducible(llm):
     p = held_out_prompts(16)[4]
 
     def run(seed):
-        sp = SamplingParams(temperature=1.0, seed=seed, max_tokens=400, skip_special_tokens=False)
+        # Hot enough that this confident model's seeds actually differ.
+        sp = SamplingParams(temperature=2.0, seed=seed, max_tokens=400, skip_special_tokens=False)
         return list(llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0].outputs[0].token_ids)
 
-    a, b, c = run(7), run(7), run(8)
-    assert a == b and a != c
+    a, b = run(7), run(7)
+    assert a == b
+    assert any(run(seed) != a for seed in (8, 9, 10))
