@@ -214,3 +214,25 @@ def test_seeded_sampling_is_reproducible(llm):
     a, b = run(7), run(7)
     assert a == b
     assert any(run(seed) != a for seed in (8, 9, 10))
+
+
+def test_logprobs_come_for_every_token_in_text_order(llm):
+    """Sampled tokens carry the branch's own logprobs (equal to the reference's
+    masked-attention logprobs); engine-written tokens carry only themselves, 0.0."""
+    from engine_harness import reference
+
+    prompts = held_out_prompts(16)[:3]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(logprobs=2), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        out = o.outputs[0]
+        want = reference().generate(p, max_tokens=MAX_TOKENS)
+        assert list(out.token_ids) == want.token_ids
+        assert len(out.logprobs) == len(out.token_ids)
+        assert sum(want.written) > 10  # Path and Conclusion headers
+        for tok, got, written, ref_lp in zip(out.token_ids, out.logprobs, want.written, want.logprobs):
+            if written:
+                assert list(got) == [tok] and got[tok].logprob == 0.0
+            else:
+                assert len(got) >= 2 and got[tok].rank == 1
+                assert got[tok].logprob == pytest.approx(ref_lp, abs=1e-3)
+        assert out.cumulative_logprob == pytest.approx(sum(lp for lp in want.logprobs if lp is not None), abs=0.05)

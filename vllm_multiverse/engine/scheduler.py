@@ -38,6 +38,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
+from vllm_multiverse.engine.logprobs import Row, rows_of, to_lists
 from vllm_multiverse.engine.vllm_compat import check_vllm_version
 from vllm_multiverse.log import init_logger
 from vllm_multiverse.model_config import read_multiverse_config
@@ -78,6 +79,7 @@ class Track:
 
 @dataclass
 class BranchResult:
+    request_id: str
     tokens: list[int]  # the Path's text tokens (the shared lead only for Path 1)
     num_written: int  # leading engine-written tokens of ``tokens``
     blocks: list  # KV blocks (group 0), still referenced
@@ -150,6 +152,13 @@ class MultiverseScheduler(Scheduler):
         self._frees_after_copy: list[list] = []
         self._frees_after_step: list[list] = []
         self._extra_outputs: list[tuple[int, EngineCoreOutput]] = []
+        # Sample logprobs of each branch's output tokens, for the merge.
+        self._rows: dict[str, list[Row | None]] = {}
+        # Trees preempted for memory wait here, out of vLLM's waiting queue,
+        # until a tree finishes: readmitted at once, one would take back the
+        # blocks its elders need and fork again, and no tree would finish.
+        self._held: list[tuple[int, Request]] = []  # (roots finished then, root)
+        self._roots_finished = 0
         logger.info("Multiverse scheduler: %s, positions=%s", self.mv_config, self.mv_structure.positions)
 
     # -- request intake -----------------------------------------------------
@@ -173,11 +182,13 @@ class MultiverseScheduler(Scheduler):
     # -- scheduling ----------------------------------------------------------
 
     def schedule(self, *args, **kwargs):
+        self._release_held()
         self._relieve_pressure()
         out = super().schedule(*args, **kwargs)
-        if out.total_num_scheduled_tokens == 0 and (self.waiting or self.kv_holding_waiting):
+        if out.total_num_scheduled_tokens == 0 and (self.waiting or self.kv_holding_waiting or self.mv_groups):
             # Nothing fits: finished branches and parked parents hold the KV
-            # the waiting branches need. Give one tree's memory back.
+            # that waiting branches, launches or merges need. Give one tree's
+            # memory back.
             self._give_back_memory()
         positions: dict[str, int | list[int]] = {}
         for rid, n in out.num_scheduled_tokens.items():
@@ -201,6 +212,10 @@ class MultiverseScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for eco in outputs.values():
+            for o in eco.outputs:
+                if o.new_logprobs is not None and BRANCH_TAG in o.request_id:
+                    self._rows.setdefault(o.request_id, []).extend(rows_of(o.new_logprobs))
         # The step that ran the merge copies is done: their sources can go.
         for blocks in self._frees_after_step:
             self.kv_cache_manager.block_pool.free_blocks(reversed(blocks))
@@ -379,6 +394,18 @@ class MultiverseScheduler(Scheduler):
         else:
             self._roll_back_newest_fork()
 
+    def _release_held(self) -> None:
+        if not self._held:
+            return
+        if not self._active_roots():
+            ready = self._held
+        else:
+            ready = [h for h in self._held if h[0] < self._roots_finished][:1]
+        # Oldest first: each prepend goes to the front.
+        for h in sorted(ready, key=lambda h: h[1].arrival_time, reverse=True):
+            self._held.remove(h)
+            self.waiting.prepend_request(h[1])
+
     def _blocks_short(self) -> int:
         """Blocks the running requests' next token each needs beyond the free
         ones (a prefill's further chunks are vLLM's to fit)."""
@@ -407,17 +434,23 @@ class MultiverseScheduler(Scheduler):
                 self._to_merge.remove(group)
             self._abort_branches(group)
         self._preempt_request(root, time.monotonic())
+        self.waiting.remove_request(root)
+        self._held.append((self._roots_finished, root))
         logger.debug("KV exhausted: preempted the tree of %s", root.request_id)
 
     def _abort_branches(self, group: ForkGroup) -> None:
         """Drop every branch of a fork and the KV of the Paths done so far."""
         children = [c.request_id for c in group.running.values()]
-        for res in group.results.values():
-            self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
-        group.results.clear()
+        self._drop_results(group)
         group.running.clear()
         group.pending.clear()
         self.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+
+    def _drop_results(self, group: ForkGroup) -> None:
+        for res in group.results.values():
+            self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
+            self._rows.pop(res.request_id, None)
+        group.results.clear()
 
     def _roll_back_newest_fork(self) -> None:
         """Drop the work of the newest fork that has any, to run its Paths one
@@ -441,12 +474,15 @@ class MultiverseScheduler(Scheduler):
             return super()._free_request_blocks(request)
         track = self.mv_tracks.pop(request.request_id, None)
         group = track.group if track is not None else None
+        if track is not None and BRANCH_TAG not in request.request_id:
+            self._roots_finished += 1
         if group is None or request.status == RequestStatus.FINISHED_ABORTED:
             return super()._free_request_blocks(request)
         k = track.index
         start = group.prefix_len if k == 0 else group.prefix_len + group.lead_len
         written = len(group.headers[k]) - (0 if k == 0 else group.lead_len)
         group.results[k] = BranchResult(
+            request_id=request.request_id,
             tokens=list(request.all_token_ids[start:]),
             num_written=written,
             blocks=self.kv_cache_manager.pop_blocks_for_free(request),
@@ -494,6 +530,7 @@ class MultiverseScheduler(Scheduler):
         text, finish, stop_reason = self._text_in_order(group)
         if finish is None and not self._make_room(self._merge_blocks_needed(group)):
             return False
+        rows = self._rows_in_order(group)[: len(text)]
         del self.mv_groups[rid]
         track = self.mv_tracks[rid]
         if finish is not None:
@@ -508,9 +545,8 @@ class MultiverseScheduler(Scheduler):
         logger.debug("merge %s: %d Paths, %d tokens", rid, len(group.headers), len(text))
         if finish is not None or parent.num_tokens >= self.max_model_len:
             parent.status = finish or RequestStatus.FINISHED_LENGTH_CAPPED
-            for res in group.results.values():
-                self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
-            self._emit(parent, text, finished=True)
+            self._drop_results(group)
+            self._emit(parent, text, rows, finished=True)
             self.mv_tracks.pop(rid, None)
             self._free_request(parent)
             return True
@@ -521,9 +557,13 @@ class MultiverseScheduler(Scheduler):
             MergeRecord(group.state, group.prefix_len, [(group.results[k].outputs, group.results[k].history) for k in range(n)])
         )
         if group.replay is None:
-            self._emit(parent, text, finished=False)
+            self._emit(parent, text, rows, finished=False)
         else:
-            self._advance_replay(parent, track)  # the client has these tokens already
+            # The record holds this text too (the client has it already).
+            recorded = [track.replay.popleft() for _ in range(min(len(text), len(track.replay)))]
+            if recorded != text:
+                logger.warning("replay of %s: merged text differs from the record", rid)
+            self._advance_replay(parent, track)
         parent.status = RequestStatus.PREEMPTED
         self._enqueue_waiting_request(parent)
         return True
@@ -583,13 +623,34 @@ class MultiverseScheduler(Scheduler):
             self._frees_after_copy.append(res.blocks)
         parent.num_computed_tokens = total
 
-    def _emit(self, parent: Request, tokens: list[int], finished: bool) -> None:
+    def _rows_in_order(self, group: ForkGroup) -> list[Row | None]:
+        """The Paths' logprob rows in text order, None for written tokens."""
+        rows: list[Row | None] = []
+        for k in range(len(group.headers)):
+            res = group.results.get(k)
+            if res is None:
+                break
+            own = self._rows.pop(res.request_id, [])
+            n = len(res.tokens) - res.num_written
+            if own and len(own) != n:  # a replayed branch: nothing to emit
+                own = []
+            rows += [None] * res.num_written + (own or [None] * n)
+        return rows + [None] * len(self.mv_tokens.conclusion_header)
+
+    def _emit(self, parent: Request, tokens: list[int], rows: list[Row | None], finished: bool) -> None:
+        num_logprobs = parent.sampling_params.logprobs
+        if self.mv_tracks[parent.request_id].group is not None:
+            # A branch's merged text reaches the client with its own fork's merge.
+            if num_logprobs is not None:
+                self._rows.setdefault(parent.request_id, []).extend(rows)
+            return
         self._extra_outputs.append(
             (
                 parent.client_index,
                 EngineCoreOutput(
                     request_id=parent.request_id,
                     new_token_ids=tokens,
+                    new_logprobs=None if num_logprobs is None else to_lists(tokens, rows, num_logprobs),
                     finish_reason=parent.get_finished_reason() if finished else None,
                     stop_reason=parent.stop_reason,
                 ),
@@ -641,12 +702,22 @@ class MultiverseScheduler(Scheduler):
         ev = track.state.event
         track.fork_due = ev is not None and ev.kind is EventKind.FORK
 
+    def get_num_unfinished_requests(self) -> int:
+        # Parents parked at a fork and held trees are in neither queue.
+        return super().get_num_unfinished_requests() + len(self.mv_groups) + len(self._held)
+
     # -- abort --------------------------------------------------------------
 
     def finish_requests(self, request_ids, finished_status):
         if request_ids is None:
+            for _, r in self._held:
+                self.waiting.add_request(r)
+            self._held.clear()
             return super().finish_requests(None, finished_status)
         ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        for h in [h for h in self._held if h[1].request_id in ids]:
+            self._held.remove(h)
+            self.waiting.add_request(h[1])  # where vLLM's abort looks for it
         # A parent takes its whole tree of branches with it.
         todo = list(ids)
         while todo:
@@ -658,14 +729,13 @@ class MultiverseScheduler(Scheduler):
             for k, child in group.running.items():
                 ids.add(child.request_id)
                 todo.append(child.request_id)
-            for res in group.results.values():
-                self.kv_cache_manager.block_pool.free_blocks(reversed(res.blocks))
-            group.results.clear()
+            self._drop_results(group)
             group.pending.clear()
             if group.parent not in self.running:
                 # Parked: finish_requests looks for it in the queues.
                 self.running.append(group.parent)
         for rid in ids:
+            self._rows.pop(rid, None)
             track = self.mv_tracks.get(rid)
             if track is not None and track.group is not None:
                 self.mv_branches_per_root[track.group.root_id] = max(
