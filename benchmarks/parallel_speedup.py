@@ -6,6 +6,8 @@ For each batch size, on held-out prompts, in one run:
 - engine: Multiverse decoding, Paths of a block as parallel branches;
 - one at a time: the same outputs with every block's Paths run one after
   another as branches (fork disabled), one token per step per request;
+- sequential: the attention backend's sequential decoding (no branches, the
+  Paths one after another in one sequence, masked);
 - plain vLLM: the plugin off, greedy decoding of as many tokens per prompt
   (ignore_eos, max_tokens = the engine's output length).
 Parallel efficiency = measured speedup (one-at-a-time time / engine time)
@@ -33,7 +35,12 @@ def run_config(mode: str, batches: list[int], n_max: int, lengths: dict | None) 
     from vllm_multiverse.training.evaluate import critical_path
     from vllm_multiverse.training.train import chat_prompt, held_out_tasks
 
-    extra = {"parallel": mode == "engine"} if mode != "plain" else {"enabled": False}
+    extra = {
+        "engine": {},
+        "one_at_a_time": {"parallel": False},
+        "sequential": {"sequential": True},
+        "plain": {"enabled": False},
+    }[mode]
     llm = LLM(model=str(MODEL), dtype="float32", enforce_eager=True, max_model_len=2048,
               kv_cache_memory_bytes=1 << 30, seed=0, additional_config={"multiverse": extra})
     tok = llm.get_tokenizer()
@@ -85,21 +92,22 @@ def main() -> None:
         print("RESULT " + json.dumps(run_config(args.child, args.batches, max(args.batches), lengths)))
         return
     engine = child("engine", args)
-    seq = child("sequential", args)
+    seq = child("one_at_a_time", args)
+    masked = child("sequential", args)
     tmp = Path("/tmp/mv_lengths.json")
     tmp.write_text(json.dumps({b: engine[b]["lengths"] for b in engine}))
     args.lengths = str(tmp)
     plain = child("plain", args)
-    rows = ["| batch | engine s | engine tok/s | one-at-a-time s | one-at-a-time tok/s | plain vLLM s | plain tok/s | speedup | ideal | efficiency | same tokens |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| batch | engine s | engine tok/s | one-at-a-time s | one-at-a-time tok/s | sequential s | sequential tok/s | plain vLLM s | plain tok/s | speedup | ideal | efficiency | same tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in map(str, args.batches):
-        e, s, p = engine[b], seq[b], plain[b]
+        e, s, m, p = engine[b], seq[b], masked[b], plain[b]
         speedup = s["seconds"] / e["seconds"]
         ideal = e["tokens"] / e["critical"]
         rows.append(
             f"| {b} | {e['seconds']:.2f} | {e['tokens'] / e['seconds']:.0f} | {s['seconds']:.2f} | "
-            f"{s['tokens'] / s['seconds']:.0f} | {p['seconds']:.2f} | {p['tokens'] / p['seconds']:.0f} | "
-            f"{speedup:.2f} | {ideal:.2f} | {speedup / ideal:.2f} | {e['ids'] == s['ids']} |"
+            f"{s['tokens'] / s['seconds']:.0f} | {m['seconds']:.2f} | {m['tokens'] / m['seconds']:.0f} | {p['seconds']:.2f} | {p['tokens'] / p['seconds']:.0f} | "
+            f"{speedup:.2f} | {ideal:.2f} | {speedup / ideal:.2f} | {e['ids'] == s['ids'] == m['ids']} |"
         )
     table = "\n".join(rows)
     print(table)

@@ -1,10 +1,13 @@
 """The engine with a KV cache too small for its batch, and prefix caching off:
-preemption happens, merged requests replay their merges, outputs stay exact."""
+preemption happens, merged requests recompute in one masked pass, outputs
+stay exact; sequential decoding too."""
 
 import pytest
 
+from vllm_multiverse.training.train import chat_prompt
+
 from conftest import LLM_DEFAULTS, environ
-from engine_harness import greedy, held_out_prompts, reference_output, scheduler, step_until
+from engine_harness import greedy, held_out_prompts, reference_output, scheduler, step_until, tokenizer
 
 # 23 blocks of 128 tokens: one 2,048-token request fits, a batch of forks does not.
 KV_BYTES = 12 * 2**20
@@ -59,38 +62,31 @@ def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
     assert _idle(llm)
 
 
-def test_preempted_merged_request_replays_its_merges(llm):
-    """Preempt a request right after a merge: it must come back with the same
-    KV (the same forks and merges again), not a causal recompute of its Paths."""
-    from engine_harness import tokenizer
+def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
+    """Preempt a request right after a merge: vLLM recomputes it from its
+    tokens, and the Paths in them must not see each other (a causal
+    recompute gives other tokens after the merge)."""
+    from vllm_multiverse.engine.attention import MultiverseCPUAttentionImpl
     from vllm_multiverse.training.train import held_out_tasks
 
     sched = scheduler(llm)
-    tasks = [t for t in held_out_tasks(200) if len(t.rounds) == 2]
-    prompt = tokenizer().encode(
-        tokenizer().apply_chat_template(
-            [{"role": "user", "content": tasks[0].prompt()}], add_generation_prompt=True, tokenize=False
-        ),
-        add_special_tokens=False,
-    )
-    llm.llm_engine.add_request("replay", {"prompt_token_ids": prompt}, greedy())
+    task = next(t for t in held_out_tasks(200) if len(t.rounds) == 2)
+    prompt = tokenizer().encode(chat_prompt(tokenizer(), task.prompt()), add_special_tokens=False)
+    llm.llm_engine.add_request("recompute", {"prompt_token_ids": prompt}, greedy())
 
     def merged_and_running():
-        return any(
-            r.request_id.startswith("replay") and sched.mv_tracks[r.request_id].history for r in sched.running
-        )
+        return sched.mv_stats["merges"] > merges0 and any(r.request_id.startswith("recompute") for r in sched.running)
 
+    merges0 = sched.mv_stats["merges"]
     outs = step_until(llm, merged_and_running)
-    (req,) = [r for r in sched.running if r.request_id.startswith("replay")]
-    n_out = req.num_output_tokens
-    forks0, replays0 = sched.mv_stats["forks"], sched.mv_stats["replays"]
+    (req,) = [r for r in sched.running if r.request_id.startswith("recompute")]
+    masked0, rows0 = sched.mv_stats["masked_tokens"], MultiverseCPUAttentionImpl.masked_rows
     sched._preempt_tree(req)
-    # Cut back to the first fork's </Goal>; nothing the client has is lost.
-    assert req.num_output_tokens < n_out
+    assert req.num_computed_tokens == 0
     outs += step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
-    assert sched.mv_stats["replays"] == replays0 + 1
-    assert sched.mv_stats["forks"] > forks0  # the recorded fork, done again
-    final = [o for o in outs if o.request_id.startswith("replay") and o.finished]
+    assert sched.mv_stats["masked_tokens"] > masked0
+    assert MultiverseCPUAttentionImpl.masked_rows > rows0
+    final = [o for o in outs if o.request_id.startswith("recompute") and o.finished]
     assert final and list(final[-1].outputs[0].token_ids) == reference_output(tuple(prompt), 1500)[0]
     assert _idle(llm)
 
@@ -108,3 +104,12 @@ def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
             assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
     assert sched.mv_stats["preemptions"] > preemptions0
     assert _idle(llm)
+
+
+def test_sequential_with_prefix_caching_off(llm):
+    prompts = held_out_prompts(16)[:4]
+    params = greedy(extra_args={"multiverse_sequential": True})
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
+        assert o.num_cached_tokens == 0

@@ -4,7 +4,9 @@ vLLM calls :func:`register` once in every process it starts (API server or
 ``LLM``, engine core, workers), so it must be idempotent and cheap. It wraps
 ``EngineArgs.create_engine_config`` so that an engine for a Multiverse model
 (or one asked for with ``additional_config={"multiverse": {...}}``) gets the
-Multiverse scheduler and worker; every other engine is left as it is.
+Multiverse scheduler and worker; every other engine is left as it is. On
+CPU it also registers the Multiverse attention backend, which is vLLM's CPU
+attention wherever a step has nothing to mask.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from vllm_multiverse.log import init_logger
 logger = init_logger(__name__)
 
 _registered = False
+CPU_ATTENTION_BACKEND = "vllm_multiverse.engine.attention.MultiverseCPUAttentionBackend"
 
 
 def register() -> None:
@@ -34,4 +37,12 @@ def register() -> None:
         return config
 
     EngineArgs.create_engine_config = create_engine_config
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # Before any model is built in this process; without masks it is
+        # vLLM's own CPU attention.
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_ATTENTION_BACKEND)
     logger.info("vllm-multiverse %s plugin loaded", __version__)

@@ -21,8 +21,13 @@ class MultiverseConfig:
     max_paths_per_fork: int = 16
     max_depth: int = 4
     max_branches_per_request: int = 64
-    # False: every block's Paths one after another (a baseline for benchmarks).
+    # False: every block's Paths one after another as branches (a baseline
+    # for benchmarks).
     parallel: bool = True
+    # True: no fork at all; the Paths one after another in the one sequence,
+    # masked, the engine writing the control tokens (per request:
+    # SamplingParams(extra_args={"multiverse_sequential": True})).
+    sequential: bool = False
     # vLLM's enable_prefix_caching as the user set it. Branches share blocks
     # through vLLM's prefix-cache machinery, so that stays on; off here means
     # no request reads the cache.

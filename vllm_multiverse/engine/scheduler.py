@@ -17,18 +17,21 @@
   step), the Conclusion header is appended, and the parent resumes with the
   whole text in order. Stop conditions and ``max_tokens`` apply in text
   order, as in the sequential reference.
-- Preemption: vLLM recomputes a preempted request from its tokens, which is
-  right for plain text but not for merged Paths (they must not see each
-  other). A request that went through merges is cut back to its first
-  ``</Goal>`` and replays its recorded merges: the same forks, each branch
-  prefilling its recorded Path, the same merges, emitting nothing twice.
+- Masks: each token's hidden KV ranges (the structure rule's
+  ``hidden_ranges``) are recorded as it is appended. A step that computes
+  tokens with hidden ranges (a prompt holding Parallel blocks, a merged
+  request recomputed after preemption, sequential decoding) sends them as
+  rectangles (``mv_attn_masks``) for the attention backend's masked path;
+  vLLM's own recompute after preemption is then exact, in one pass.
+- Sequential decoding (a plugin option, or per request): no fork; the engine
+  writes the control tokens into the one sequence, as the reference does,
+  and every later Path is masked from its siblings.
 """
 
 from __future__ import annotations
 
 import time
 from array import array
-from collections import deque
 from dataclasses import dataclass, field
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -37,6 +40,7 @@ from vllm.v1.core.sched.utils import check_stop
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_multiverse.engine.attn_mask import Rect, rects_for
 from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.engine.logprobs import Row, rows_of, to_lists
 from vllm_multiverse.engine.vllm_compat import check_vllm_version
@@ -47,6 +51,7 @@ from vllm_multiverse.structure import EventKind, StructureState
 logger = init_logger(__name__)
 
 _NEVER_CACHE = 1 << 62  # num_cached_block sentinel: merged KV is never published
+SEQUENTIAL_ARG = "multiverse_sequential"  # per request, in SamplingParams.extra_args
 BRANCH_TAG = "\x1fmv"  # in branch request ids: "{parent}\x1fmv{block}.{path}"
 
 
@@ -63,16 +68,18 @@ class Track:
     group: ForkGroup | None = None  # the fork this branch belongs to
     index: int = 0  # Path index in that fork
     draining: bool = False  # tail seen: one more step computes its KV
-    fork_due: bool = False  # the prompt ends with a </Goal>: fork after prefill
-    merged: bool = False  # holds merged KV: a plain recompute would be wrong
-    history: list[MergeRecord] = field(default_factory=list)  # merges so far
-    # While replaying after a preemption: recorded tokens still to re-append,
-    # and the recorded merges still to redo.
-    replay: deque[int] = field(default_factory=deque)
-    replay_merges: list[MergeRecord] = field(default_factory=list)
+    # The tokens so far end where the engine acts (a </Goal>, or a Path's
+    # tail in sequential text): it forks or writes after the prefill.
+    engine_due: bool = False
+    sequential: bool = False  # Paths one after another in this sequence
+    # Token index -> KV ranges it must not see; only tokens that have any.
+    hidden: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     def append(self, tok: int):
         ev = self.state.append(tok)
+        hidden = self.state.hidden_ranges()
+        if hidden:
+            self.hidden[len(self.positions)] = tuple(hidden)
         self.positions.append(self.state.position)
         return ev
 
@@ -83,17 +90,6 @@ class BranchResult:
     tokens: list[int]  # the Path's text tokens (the shared lead only for Path 1)
     num_written: int  # leading engine-written tokens of ``tokens``
     blocks: list  # KV blocks (group 0), still referenced
-    outputs: list[int]  # the branch's output tokens (after its header)
-    history: list[MergeRecord]  # the branch's own (nested) merges
-
-
-@dataclass
-class MergeRecord:
-    """One merge a request went through, enough to redo it exactly."""
-
-    state: StructureState  # the request's structure through the </Goal>
-    prefix_len: int  # tokens through the </Goal>
-    paths: list[tuple[list[int], list[MergeRecord]]]  # per Path: outputs, nested merges
 
 
 @dataclass
@@ -111,8 +107,6 @@ class ForkGroup:
     pending: list[int] = field(default_factory=list)
     results: dict[int, BranchResult] = field(default_factory=dict)
     merging: bool = False  # queued for its merge
-    state: StructureState | None = None  # the parent's structure at the fork
-    replay: MergeRecord | None = None  # redoing this recorded merge
 
 
 class MultiverseScheduler(Scheduler):
@@ -144,7 +138,7 @@ class MultiverseScheduler(Scheduler):
             "rollbacks": 0,
             "parallel_tokens": 0,
             "preemptions": 0,
-            "replays": 0,
+            "masked_tokens": 0,
         }
         self._to_fork: list[Request] = []
         self._to_merge: list[ForkGroup] = []
@@ -154,6 +148,11 @@ class MultiverseScheduler(Scheduler):
         self._extra_outputs: list[tuple[int, EngineCoreOutput]] = []
         # Sample logprobs of each branch's output tokens, for the merge.
         self._rows: dict[str, list[Row | None]] = {}
+        # Requests that got engine-written tokens this step: how many sampled before them.
+        self._written: dict[str, int] = {}
+        # The runner keeps its own copy of each request's tokens and knows
+        # only the sampled ones: from this index on, send it the written text.
+        self._token_fixes: dict[str, int] = {}
         # Trees preempted for memory wait here, out of vLLM's waiting queue,
         # until a tree finishes: readmitted at once, one would take back the
         # blocks its elders need and fork again, and no tree would finish.
@@ -166,8 +165,10 @@ class MultiverseScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.mv_tracks:
             track = self._new_track(request.prompt_token_ids or [])
+            extra = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
+            track.sequential = bool(extra.get(SEQUENTIAL_ARG, self.mv_config.sequential))
             ev = track.state.event
-            track.fork_due = ev is not None and ev.kind is EventKind.FORK
+            track.engine_due = ev is not None and (ev.kind is EventKind.FORK or bool(ev.write))
             self.mv_tracks[request.request_id] = track
         if not self.mv_config.prefix_caching:
             request.skip_reading_prefix_cache = True
@@ -191,12 +192,18 @@ class MultiverseScheduler(Scheduler):
             # memory back.
             self._give_back_memory()
         positions: dict[str, int | list[int]] = {}
+        masks: dict[str, list[Rect]] = {}
         for rid, n in out.num_scheduled_tokens.items():
             track = self.mv_tracks.get(rid)
             if track is None:
                 continue
             end = self.requests[rid].num_computed_tokens  # already advanced
             start = end - n
+            if track.hidden:
+                rects = rects_for(track.hidden, start, end)
+                if rects:
+                    masks[rid] = rects
+                    self.mv_stats["masked_tokens"] += n
             pos = track.positions[start:end]
             delta = start - pos[0]
             if all(p + delta == start + j for j, p in enumerate(pos)):
@@ -205,6 +212,16 @@ class MultiverseScheduler(Scheduler):
             else:
                 positions[rid] = pos.tolist()
         out.mv_positions = positions
+        out.mv_attn_masks = masks
+        fixes = {}
+        for rid, start in list(self._token_fixes.items()):
+            req = self.requests.get(rid)
+            if req is None or req.is_finished():
+                del self._token_fixes[rid]
+            elif rid in out.num_scheduled_tokens:
+                fixes[rid] = (start, list(req.all_token_ids[start:]))
+                del self._token_fixes[rid]
+        out.mv_token_fixes = fixes
         out.mv_kv_copies, self._pending_copies = self._pending_copies, []
         self._frees_after_step.extend(self._frees_after_copy)
         self._frees_after_copy = []
@@ -212,9 +229,18 @@ class MultiverseScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        written, self._written = self._written, {}
         for eco in outputs.values():
             for o in eco.outputs:
-                if o.new_logprobs is not None and BRANCH_TAG in o.request_id:
+                if o.new_logprobs is None:
+                    continue
+                if o.request_id in written:
+                    # vLLM sliced one row per token; written tokens have none.
+                    n = written[o.request_id]
+                    rows = rows_of(o.new_logprobs)[:n]
+                    rows += [None] * (len(o.new_token_ids) - n)
+                    o.new_logprobs = to_lists(o.new_token_ids, rows, o.new_logprobs.logprob_token_ids.shape[1] - 1)
+                if BRANCH_TAG in o.request_id:
                     self._rows.setdefault(o.request_id, []).extend(rows_of(o.new_logprobs))
         # The step that ran the merge copies is done: their sources can go.
         for blocks in self._frees_after_step:
@@ -248,11 +274,15 @@ class MultiverseScheduler(Scheduler):
             # The tail's KV is computed; the token sampled after it is not text.
             request.status = RequestStatus.FINISHED_STOPPED
             return [], True
-        if track.fork_due:
-            # The prompt ended with </Goal>: the engine writes next, not the model.
-            track.fork_due = False
-            self._to_fork.append(request)
-            return [], False
+        if track.engine_due:
+            # The engine writes next, not the model: the sampled token is dropped.
+            track.engine_due = False
+            ev = track.state.event
+            if ev.kind is EventKind.FORK and not track.sequential:
+                self._to_fork.append(request)
+                return [], False
+            kept: list[int] = []
+            return kept, self._write(request, track, ev.write, kept)
         kept = []
         stopped = False
         for tok in new_token_ids:
@@ -264,13 +294,29 @@ class MultiverseScheduler(Scheduler):
                 break
             if ev is None:
                 continue
-            if ev.kind is EventKind.FORK:
+            if ev.kind is EventKind.FORK and not track.sequential:
                 self._to_fork.append(request)
                 break
             if track.group is not None and ev.block == track.group.block_uid:
                 track.draining = True  # NEXT_PATH / CONCLUSION: this Path is done
                 break
+            stopped = self._write(request, track, ev.write, kept)
+            break
         return kept, stopped
+
+    def _write(self, request: Request, track: Track, tokens, kept: list[int]) -> bool:
+        """Append engine-written tokens (the sequential layer's headers);
+        True if that reached the length limit. They are never stop tokens."""
+        self._written[request.request_id] = len(kept)
+        self._token_fixes.setdefault(request.request_id, request.num_tokens)
+        for tok in tokens:
+            request.append_output_token_ids(tok)
+            kept.append(tok)
+            track.append(tok)
+            if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+                request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+                return True
+        return False
 
     # -- fork ---------------------------------------------------------------
 
@@ -302,10 +348,7 @@ class MultiverseScheduler(Scheduler):
             budget=parent.max_tokens - parent.num_output_tokens,
             concurrency=1 if fallback else n,
             pending=list(range(n)),
-            state=track.state.fork(),
         )
-        if track.replay_merges and track.replay_merges[0].prefix_len == parent.num_tokens:
-            group.replay = track.replay_merges.pop(0)
         self.running.remove(parent)
         self.mv_groups[rid] = group
         self.mv_stats["forks"] += 1
@@ -355,14 +398,11 @@ class MultiverseScheduler(Scheduler):
             return False
         child.num_computed_tokens = computed
         ptrack = self.mv_tracks[parent.request_id]
-        track = Track(ptrack.state.fork(), array("q", ptrack.positions), group=group, index=k)
+        track = Track(
+            ptrack.state.fork(), array("q", ptrack.positions), group=group, index=k, hidden=dict(ptrack.hidden)
+        )
         for tok in header:
             track.append(tok)
-        if group.replay is not None:
-            outputs, merges = group.replay.paths[k]
-            track.replay = deque(outputs)
-            track.replay_merges = list(merges)
-            self._advance_replay(child, track)
         self.mv_tracks[bid] = track
         self.requests[bid] = child
         self._enqueue_waiting_request(child)
@@ -486,8 +526,6 @@ class MultiverseScheduler(Scheduler):
             tokens=list(request.all_token_ids[start:]),
             num_written=written,
             blocks=self.kv_cache_manager.pop_blocks_for_free(request),
-            outputs=list(request.output_token_ids),
-            history=track.history,
         )
         group.running.pop(k, None)
         self.mv_branches_per_root[group.root_id] -= 1
@@ -551,19 +589,7 @@ class MultiverseScheduler(Scheduler):
             self._free_request(parent)
             return True
         self._splice_kv(group)
-        track.merged = True
-        n = len(group.headers)
-        track.history.append(
-            MergeRecord(group.state, group.prefix_len, [(group.results[k].outputs, group.results[k].history) for k in range(n)])
-        )
-        if group.replay is None:
-            self._emit(parent, text, rows, finished=False)
-        else:
-            # The record holds this text too (the client has it already).
-            recorded = [track.replay.popleft() for _ in range(min(len(text), len(track.replay)))]
-            if recorded != text:
-                logger.warning("replay of %s: merged text differs from the record", rid)
-            self._advance_replay(parent, track)
+        self._emit(parent, text, rows, finished=False)
         parent.status = RequestStatus.PREEMPTED
         self._enqueue_waiting_request(parent)
         return True
@@ -581,15 +607,11 @@ class MultiverseScheduler(Scheduler):
         return max(0, _cdiv(total, self.block_size) - _cdiv(n1, self.block_size))
 
     def _make_room(self, blocks: int) -> bool:
-        """Free blocks for a merge by preempting the newest running requests
-        that vLLM can recompute exactly (no merged KV of their own)."""
+        """Free blocks for a merge by preempting the newest running requests."""
         pool = self.kv_cache_manager.block_pool
         for req in reversed(list(self.running)):
             if pool.get_num_free_blocks() >= blocks:
                 break
-            track = self.mv_tracks.get(req.request_id)
-            if track is not None and track.merged:
-                continue
             self.running.remove(req)
             self._preempt_request(req, time.monotonic())
         return pool.get_num_free_blocks() >= blocks
@@ -632,9 +654,9 @@ class MultiverseScheduler(Scheduler):
                 break
             own = self._rows.pop(res.request_id, [])
             n = len(res.tokens) - res.num_written
-            if own and len(own) != n:  # a replayed branch: nothing to emit
-                own = []
-            rows += [None] * res.num_written + (own or [None] * n)
+            if len(own) != n:  # no logprobs asked for
+                own = [None] * n
+            rows += [None] * res.num_written + own
         return rows + [None] * len(self.mv_tokens.conclusion_header)
 
     def _emit(self, parent: Request, tokens: list[int], rows: list[Row | None], finished: bool) -> None:
@@ -660,47 +682,15 @@ class MultiverseScheduler(Scheduler):
     # -- preemption -----------------------------------------------------------
 
     def _preempt_request(self, request: Request, timestamp: float, *args, **kwargs) -> None:
+        # vLLM recomputes it from its tokens; the recorded hidden ranges make
+        # that recompute masked where the text holds merged Paths.
         super()._preempt_request(request, timestamp, *args, **kwargs)
         self.mv_stats["preemptions"] += 1
         track = self.mv_tracks.get(request.request_id)
-        if track is None:
-            return
-        if track.history:
-            self._rewind(request, track)
-        # A parent preempted at its fork forks again once recomputed.
-        ev = track.state.event
-        track.fork_due = ev is not None and ev.kind is EventKind.FORK
-
-    def _rewind(self, request: Request, track: Track) -> None:
-        """Cut a preempted request back to its first recorded fork; the merges
-        are redone from the record when it runs again."""
-        first = track.history[0]
-        cut = first.prefix_len
-        recorded = list(request.all_token_ids[cut:]) + list(track.replay)
-        del request._output_token_ids[cut - request.num_prompt_tokens :]
-        del request._all_token_ids[cut:]
-        del request.block_hashes[cut // self.hash_block_size :]
-        track.state = first.state.fork()
-        del track.positions[cut:]
-        track.replay = deque(recorded)
-        track.replay_merges = track.history + track.replay_merges
-        track.history = []
-        track.merged = track.draining = False
-        self.mv_stats["replays"] += 1
-        logger.debug("preempted %s: replays %d merges", request.request_id, len(track.replay_merges))
-
-    def _advance_replay(self, request: Request, track: Track) -> None:
-        """Re-append recorded tokens up to the next merge to redo, or to the end."""
-        stop_at = track.replay_merges[0].prefix_len if track.replay_merges else -1
-        while track.replay and request.num_tokens != stop_at:
-            tok = track.replay.popleft()
-            request.append_output_token_ids(tok)
-            ev = track.append(tok)
-            if ev is not None and ev.kind is not EventKind.FORK and track.group is not None:
-                if ev.block == track.group.block_uid:
-                    track.draining = True
-        ev = track.state.event
-        track.fork_due = ev is not None and ev.kind is EventKind.FORK
+        if track is not None:
+            # A parent preempted at its fork forks again once recomputed.
+            ev = track.state.event
+            track.engine_due = ev is not None and ev.kind is EventKind.FORK and not track.sequential
 
     def get_num_unfinished_requests(self) -> int:
         # Parents parked at a fork and held trees are in neither queue.

