@@ -12,7 +12,8 @@ For each batch size, on held-out prompts, in one run:
   (ignore_eos, max_tokens = the engine's output length).
 Parallel efficiency = measured speedup (one-at-a-time time / engine time)
 divided by the ideal speedup (output tokens / critical-path tokens).
-Each configuration runs in its own process (its own engine).
+Each configuration runs in its own process (its own engine); each batch runs
+``--repeat`` times and the fastest run counts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "multiverse-tiny"
 
 
-def run_config(mode: str, batches: list[int], n_max: int, lengths: dict | None) -> dict:
+def run_config(mode: str, batches: list[int], n_max: int, lengths: dict | None, repeat: int) -> dict:
     """Runs in a child process: one engine, every batch size."""
     from vllm import LLM, SamplingParams
 
@@ -58,9 +59,11 @@ def run_config(mode: str, batches: list[int], n_max: int, lengths: dict | None) 
                    for i in range(b)]
         else:
             sps = [SamplingParams(temperature=0.0, max_tokens=1500, skip_special_tokens=False)] * b
-        t0 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in batch], sps, use_tqdm=False)
-        dt = time.perf_counter() - t0
+        dt = float("inf")
+        for _ in range(repeat):  # the fastest of a few runs: these machines are noisy
+            t0 = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": p} for p in batch], sps, use_tqdm=False)
+            dt = min(dt, time.perf_counter() - t0)
         ids = [list(o.outputs[0].token_ids) for o in outs]
         n_out = sum(len(x) for x in ids)
         crit = sum(critical_path(p + x, len(p), info.tokens) for p, x in zip(batch, ids))
@@ -70,7 +73,8 @@ def run_config(mode: str, batches: list[int], n_max: int, lengths: dict | None) 
 
 
 def child(mode: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--batches", *map(str, args.batches)]
+    cmd = [sys.executable, __file__, "--child", mode, "--batches", *map(str, args.batches),
+           "--repeat", str(args.repeat)]
     if args.lengths:
         cmd += ["--lengths", args.lengths]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -84,12 +88,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per batch; the fastest counts")
     ap.add_argument("--child")
     ap.add_argument("--lengths")
     args = ap.parse_args()
     if args.child:
         lengths = json.loads(Path(args.lengths).read_text()) if args.lengths else None
-        print("RESULT " + json.dumps(run_config(args.child, args.batches, max(args.batches), lengths)))
+        print("RESULT " + json.dumps(run_config(args.child, args.batches, max(args.batches), lengths, args.repeat)))
         return
     engine = child("engine", args)
     seq = child("one_at_a_time", args)
@@ -112,7 +117,7 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if args.out:
-        args.out.write_text(f"# Parallel speedup (tiny model, 2 CPU cores)\n\n`python benchmarks/parallel_speedup.py`\n\n{table}\n")
+        args.out.write_text(f"# Parallel speedup (tiny model, 2 CPU cores)\n\n`python benchmarks/parallel_speedup.py` (fastest of {args.repeat} runs per batch)\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -60,8 +60,14 @@ def smollm2_dir() -> Path:
 
     kw = {"gguf_file": name}
     tok = AutoTokenizer.from_pretrained(gguf_dir, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, torch_dtype=torch.float32, **kw)
-    model.save_pretrained(out, safe_serialization=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, dtype=torch.float32, **kw)
+    # transformers will not save a model it loaded from GGUF; its weights
+    # are already dequantised, so a plain model of the same config takes them.
+    config = model.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 
@@ -75,11 +81,12 @@ def run_child(model: str, n: int) -> dict:
     if Path(model) == TINY:
         from vllm_multiverse.training.train import chat_prompt, held_out_tasks
 
-        texts = [chat_prompt(tok, t.prompt()) for t in held_out_tasks(600) if not t.parallel][:n]
+        plain = [chat_prompt(tok, t.prompt()) for t in held_out_tasks(400) if not t.parallel]
+        texts = (plain * n)[:n]
         sp = SamplingParams(temperature=0.0, max_tokens=512, skip_special_tokens=False)
     else:
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                         tokenize=False) for p in SMOL_PROMPTS][:n]
+                                         tokenize=False) for p in SMOL_PROMPTS * n][:n]
         sp = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     prompts = [{"prompt_token_ids": tok.encode(t, add_special_tokens=False)} for t in texts]
     llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)
@@ -102,8 +109,8 @@ def child(model: Path, plugin: bool, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--n", type=int, default=8, help="requests per batch")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--n", type=int, help="requests per batch (default: 8 for SmolLM2, 32 for the tiny model)")
     ap.add_argument("--out", type=Path, help="append the table to this markdown file")
     ap.add_argument("--child")
     args = ap.parse_args()
@@ -112,15 +119,16 @@ def main() -> None:
         return
     rows = ["| model | requests | tokens | plugin off tok/s | plugin on tok/s | loss | same tokens |",
             "|---|---|---|---|---|---|---|"]
-    for name, model in (("SmolLM2-135M-Instruct", smollm2_dir()), ("multiverse-tiny, plain prompts", TINY)):
+    for name, model, n in (("SmolLM2-135M-Instruct", smollm2_dir(), 8), ("multiverse-tiny, plain prompts", TINY, 32)):
+        n = args.n or n
         runs = {True: [], False: []}
         for _ in range(args.rounds):
             for plugin in (False, True):
-                runs[plugin].append(child(model, plugin, args.n))
+                runs[plugin].append(child(model, plugin, n))
         rate = {p: statistics.median(r["tokens"] / r["seconds"] for r in runs[p]) for p in runs}
         same = all(r["ids"] == runs[False][0]["ids"] for r in runs[True] + runs[False])
         loss = 1 - rate[True] / rate[False]
-        rows.append(f"| {name} | {args.n} | {runs[True][0]['tokens']} | {rate[False]:.0f} | {rate[True]:.0f} | "
+        rows.append(f"| {name} | {n} | {runs[True][0]['tokens']} | {rate[False]:.0f} | {rate[True]:.0f} | "
                     f"{loss:+.1%} | {same} |")
     table = "\n".join(rows)
     print(table)

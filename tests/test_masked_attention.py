@@ -1,8 +1,8 @@
 """The Multiverse attention backend's masked path through vllm.LLM on the
 tiny model: sequential decoding, prompts that hold Parallel blocks, and the
 compact mask it is sent, all against the reference decoder. The module's
-engine runs sequential decoding by default (the plugin option) and forces
-chunked prefill small."""
+engines (prefix caching on, then off) run sequential decoding by default
+(the plugin option) and force chunked prefill small."""
 
 import pytest
 
@@ -12,8 +12,8 @@ from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference, refe
 PARALLEL = {"multiverse_sequential": False}
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
+@pytest.fixture(scope="module", params=[True, False], ids=["prefix-caching-on", "prefix-caching-off"])
+def llm(tiny_model_dir, request):
     from vllm import LLM
 
     from vllm_multiverse.plugin import register
@@ -24,7 +24,11 @@ def llm(tiny_model_dir):
             model=str(tiny_model_dir),
             **(
                 LLM_DEFAULTS
-                | {"max_num_batched_tokens": 64, "additional_config": {"multiverse": {"sequential": True}}}
+                | {
+                    "max_num_batched_tokens": 64,
+                    "enable_prefix_caching": request.param,
+                    "additional_config": {"multiverse": {"sequential": True}},
+                }
             ),
         )
         yield llm

@@ -1,15 +1,17 @@
-"""The main job (`make demo`): the bundled tiny Multiverse model answers a few
-held-out prompts through the reference decoder (sequential Multiverse
-decoding), with each answer's parallel structure drawn as a tree.
-
-The vLLM engine (fork/merge) is not built yet; this shows the model and the
-ground truth it will be held to.
-"""
+"""The main job (`make demo`): `vllm serve` on the bundled tiny Multiverse
+model with the plugin, a few real prompts through the OpenAI client, each
+answer's parallel structure drawn as a tree, and the measured time against
+sequential decoding of the same request (same tokens, no branches)."""
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from vllm_multiverse.structure import EventKind, analyze
@@ -32,43 +34,85 @@ def draw_tree(token_ids, prompt_len: int, tokens, tok) -> str:
     return "\n".join(lines) if lines else "(no Parallel block: a plain answer)"
 
 
+def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        str(Path(sys.executable).with_name("vllm")), "serve", str(MODEL_DIR), "--plugin", "multiverse",
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+        "--kv-cache-memory-bytes", str(512 * 2**20), "--host", "127.0.0.1", "--port", str(port),
+    ]
+    print("$ " + " ".join(["vllm", *cmd[1:]]))
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    spin = "|/-\\"
+    i = 0
+    while True:
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() - t0 > 600:
+            proc.kill()
+            sys.exit("the server did not start; its log:\n" + log_path.read_text()[-3000:])
+        sys.stdout.write(f"\rLoading the model and starting vLLM {spin[i % 4]} {time.time() - t0:4.0f} s")
+        sys.stdout.flush()
+        i += 1
+        time.sleep(0.25)
+    print(f"\rServer ready after {time.time() - t0:.0f} s ({log_path})          ")
+    return proc, base
+
+
 def main() -> int:
     if not (MODEL_DIR / "model.safetensors").exists():
         print(f"The bundled model is missing: {MODEL_DIR}. Train it with `make model`.")
         return 1
-    import torch
+    from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from vllm_multiverse.reference import ReferenceDecoder
-    from vllm_multiverse.training.evaluate import critical_path
+    from vllm_multiverse.model_config import read_multiverse_config
     from vllm_multiverse.training.tasks import extract_answer
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from vllm_multiverse.training.train import held_out_tasks
 
-    torch.set_num_threads(2)
-    print(f"Loading {MODEL_DIR} ...", flush=True)
-    dec = ReferenceDecoder.from_pretrained(MODEL_DIR)
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    mv = read_multiverse_config(json.loads((MODEL_DIR / "config.json").read_text())).tokens
     tasks = held_out_tasks(200)
     picks = [next(t for t in tasks if not t.parallel), tasks[0], next(t for t in tasks if len(t.rounds) > 1)]
     picks.append(next(t for t in tasks if t.split is not None))
-    for task in picks:
-        prompt = task.prompt()
-        ids = tok.encode(chat_prompt(tok, prompt), add_special_tokens=False)
-        t0 = time.perf_counter()
-        out = dec.generate(ids, max_tokens=2048)
-        dt = time.perf_counter() - t0
-        text = tok.decode(out.token_ids, skip_special_tokens=False)
-        answer = extract_answer(text)
-        crit = critical_path(ids + out.token_ids, len(ids), dec.tokens)
-        print("\n" + "=" * 72)
-        print(f"Prompt: {prompt}")
-        print(draw_tree(ids + out.token_ids, len(ids), dec.tokens, tok))
-        mark = "right" if answer == task.answer() else f"wrong, expected {task.answer()}"
-        print(f"Answer: {answer}  ({mark})")
-        print(
-            f"{len(out.token_ids)} tokens ({sum(out.written)} written by the engine) in {dt:.1f} s; "
-            f"critical path {crit} tokens: ideal parallel speedup {len(out.token_ids) / crit:.2f}x"
-        )
+
+    proc, base = start_server(Path(tempfile.mkdtemp(prefix="mv-demo-")) / "server.log")
+    try:
+        client = OpenAI(base_url=base + "/v1", api_key="none", timeout=600)
+        for task in picks:
+            messages = [{"role": "user", "content": task.prompt()}]
+
+            def ask(sequential: bool):
+                extra = {"skip_special_tokens": False, "vllm_xargs": {"multiverse_sequential": sequential}}
+                t0 = time.perf_counter()
+                r = client.chat.completions.create(model=str(MODEL_DIR), messages=messages, temperature=0,
+                                                   max_tokens=1500, extra_body=extra)
+                return r, time.perf_counter() - t0
+
+            par, t_par = ask(False)
+            seq, t_seq = ask(True)
+            text = par.choices[0].message.content
+            ids = tok.encode(text, add_special_tokens=False)
+            answer = extract_answer(text)
+            mark = "right" if answer == task.answer() else f"wrong, expected {task.answer()}"
+            print("\n" + "=" * 72)
+            print(f"Prompt: {task.prompt()}")
+            print(draw_tree(ids, 0, mv, tok))
+            print(f"Answer: {answer}  ({mark})")
+            same = "same tokens" if seq.choices[0].message.content == text else "DIFFERENT tokens"
+            print(f"{par.usage.completion_tokens} tokens: parallel {t_par:.2f} s, sequential {t_seq:.2f} s "
+                  f"({t_seq / t_par:.2f}x, {same})")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
     return 0
 
 

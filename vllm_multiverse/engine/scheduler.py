@@ -55,6 +55,13 @@ SEQUENTIAL_ARG = "multiverse_sequential"  # per request, in SamplingParams.extra
 BRANCH_TAG = "\x1fmv"  # in branch request ids: "{parent}\x1fmv{block}.{path}"
 
 
+def _flag(value) -> bool:
+    # vllm_xargs from an HTTP client may carry "true"/"false" or 1/0.
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -166,7 +173,7 @@ class MultiverseScheduler(Scheduler):
         if request.request_id not in self.mv_tracks:
             track = self._new_track(request.prompt_token_ids or [])
             extra = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
-            track.sequential = bool(extra.get(SEQUENTIAL_ARG, self.mv_config.sequential))
+            track.sequential = _flag(extra.get(SEQUENTIAL_ARG, self.mv_config.sequential))
             ev = track.state.event
             track.engine_due = ev is not None and (ev.kind is EventKind.FORK or bool(ev.write))
             self.mv_tracks[request.request_id] = track

@@ -1,0 +1,194 @@
+"""`vllm serve models/multiverse-tiny --plugin multiverse`, a real server
+process, driven with the official openai client: the same greedy outputs as
+the offline `LLM`, streaming and not, completions and chat, concurrent
+streams, and vLLM's usual errors for bad requests."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LLM_DEFAULTS, TINY_MODEL, environ
+from engine_harness import tokenizer
+
+MAX_TOKENS = 1500
+RAW = {"skip_special_tokens": False}  # the full structure, tags included
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    import urllib.request
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    vllm = Path(sys.executable).with_name("vllm")
+    cmd = [
+        str(vllm), "serve", str(tiny_model_dir), "--plugin", "multiverse",
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+        "--kv-cache-memory-bytes", str(LLM_DEFAULTS["kv_cache_memory_bytes"]), "--seed", "0",
+        "--host", "127.0.0.1", "--port", str(port), "--multiverse-max-paths-per-fork", "16",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("server did not start:\n" + log.read_text()[-4000:])
+        time.sleep(1)
+    yield {"base": base, "proc": proc, "log": log}
+    proc.terminate()
+    try:
+        assert proc.wait(timeout=60) == 0 or proc.returncode == -15
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key="none", timeout=600)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir, server):
+    from vllm import LLM
+
+    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        llm = LLM(model=str(tiny_model_dir), **LLM_DEFAULTS)
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _user_texts(n):
+    from vllm_multiverse.training.train import held_out_tasks
+
+    return [t.prompt() for t in held_out_tasks(16)[:n]]
+
+
+def _chat_prompt(text):
+    from vllm_multiverse.training.train import chat_prompt
+
+    return chat_prompt(tokenizer(), text)
+
+
+def test_completions_equal_offline_outputs(client, offline):
+    from vllm import SamplingParams
+
+    texts = [_chat_prompt(t) for t in _user_texts(3)]
+    want = offline.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **RAW), use_tqdm=False)
+    for text, w in zip(texts, want):
+        got = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0,
+                                        max_tokens=MAX_TOKENS, extra_body=RAW)
+        assert got.choices[0].text == w.outputs[0].text
+        assert "<Parallel>" in got.choices[0].text
+        assert got.usage.completion_tokens == len(w.outputs[0].token_ids)
+        assert got.usage.prompt_tokens == len(w.prompt_token_ids)
+        stream = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0,
+                                           max_tokens=MAX_TOKENS, extra_body=RAW, stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks) == w.outputs[0].text
+        assert chunks[-1].choices[0].finish_reason == w.outputs[0].finish_reason
+
+
+def test_chat_equals_offline_chat_and_hides_tags_by_default(client, offline):
+    from vllm import SamplingParams
+
+    for text in _user_texts(2):
+        messages = [{"role": "user", "content": text}]
+        want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+        got = client.chat.completions.create(model=str(TINY_MODEL), messages=messages, temperature=0,
+                                             max_tokens=MAX_TOKENS)
+        assert got.choices[0].message.content == want.outputs[0].text
+        assert "<Parallel>" not in got.choices[0].message.content  # special tokens stripped, as in vLLM
+        stream = client.chat.completions.create(model=str(TINY_MODEL), messages=messages, temperature=0,
+                                                max_tokens=MAX_TOKENS, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == want.outputs[0].text
+
+
+def test_n_stop_max_tokens_and_logprobs(client):
+    text = _chat_prompt(_user_texts(1)[0])
+    full = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=MAX_TOKENS,
+                                     extra_body=RAW).choices[0].text
+    cut = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=40,
+                                    extra_body=RAW, logprobs=2)
+    c = cut.choices[0]
+    assert cut.usage.completion_tokens == 40 and c.finish_reason == "length"
+    assert full.startswith(c.text) and len(c.logprobs.tokens) == 40
+    stop = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=MAX_TOKENS,
+                                     extra_body=RAW, stop=["</Path>"])
+    assert stop.choices[0].text == full[: full.index("</Path>")]
+    many = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=1.0, seed=3, n=3,
+                                     max_tokens=MAX_TOKENS, extra_body=RAW)
+    assert len(many.choices) == 3 and all(ch.text for ch in many.choices)
+
+
+def test_32_concurrent_streams_complete(server):
+    from openai import AsyncOpenAI
+
+    from vllm_multiverse.structure import analyze
+    from vllm_multiverse.model_config import read_multiverse_config
+    from transformers import AutoConfig
+
+    mv = read_multiverse_config(AutoConfig.from_pretrained(TINY_MODEL)).tokens
+    texts = [_chat_prompt(t) for t in _user_texts(16)] * 2
+
+    async def one(client, text):
+        stream = await client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0,
+                                                 max_tokens=MAX_TOKENS, extra_body=RAW, stream=True)
+        parts, finish = [], None
+        async for chunk in stream:
+            parts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        return "".join(parts), finish
+
+    async def main():
+        client = AsyncOpenAI(base_url=server["base"] + "/v1", api_key="none", timeout=600)
+        return await asyncio.gather(*(one(client, t) for t in texts))
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    for text, finish in results:
+        assert finish == "stop"
+        ids = tokenizer().encode(text, add_special_tokens=False)
+        assert analyze(ids, mv).well_formed
+    assert results[:16] == results[16:]  # the same prompt, the same answer, whatever the batch
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(client, server):
+    import openai
+
+    text = _chat_prompt(_user_texts(1)[0])
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=str(TINY_MODEL), prompt="1 " * 5000, max_tokens=10)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=-1.0, max_tokens=10)
+    # A client that goes away mid-stream: the request is aborted, nothing hangs.
+    stream = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=MAX_TOKENS,
+                                       extra_body=RAW, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 40:
+            break
+    stream.close()
+    ok = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=20, extra_body=RAW)
+    assert ok.usage.completion_tokens == 20
+    assert server["proc"].poll() is None
