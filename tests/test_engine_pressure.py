@@ -92,7 +92,7 @@ def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [8, 64])
+@pytest.mark.parametrize("batch", [1, 8, 64])
 def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
     sched = scheduler(llm)
     preemptions0 = sched.mv_stats["preemptions"]
@@ -102,7 +102,8 @@ def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
         outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
         for p, o in zip(chunk, outs):
             assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
-    assert sched.mv_stats["preemptions"] > preemptions0
+    if batch > 1:  # one request alone fits in this cache
+        assert sched.mv_stats["preemptions"] > preemptions0
     assert _idle(llm)
 
 
