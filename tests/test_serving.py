@@ -4,12 +4,6 @@ the offline `LLM`, streaming and not, completions and chat, concurrent
 streams, and vLLM's usual errors for bad requests."""
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -20,40 +14,15 @@ MAX_TOKENS = 1500
 RAW = {"skip_special_tokens": False}  # the full structure, tags included
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    import urllib.request
+    from vllm_multiverse.demo import start_server
 
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    vllm = Path(sys.executable).with_name("vllm")
-    cmd = [
-        str(vllm), "serve", str(tiny_model_dir), "--plugin", "multiverse",
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-        "--kv-cache-memory-bytes", str(LLM_DEFAULTS["kv_cache_memory_bytes"]), "--seed", "0",
-        "--host", "127.0.0.1", "--port", str(port), "--multiverse-max-paths-per-fork", "16",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING")}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("server did not start:\n" + log.read_text()[-4000:])
-        time.sleep(1)
+    try:
+        proc, base = start_server(log, ("--seed", "0", "--multiverse-max-paths-per-fork", "16"), progress=False)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield {"base": base, "proc": proc, "log": log}
     proc.terminate()
     try:

@@ -6,6 +6,7 @@ sequential decoding of the same request (same tokens, no branches)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -34,18 +35,22 @@ def draw_tree(token_ids, prompt_len: int, tokens, tok) -> str:
     return "\n".join(lines) if lines else "(no Parallel block: a plain answer)"
 
 
-def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(log_path: Path, extra_args=(), progress: bool = True) -> tuple[subprocess.Popen, str]:
+    """`vllm serve` on the bundled model with the plugin; returns once it is healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
         str(Path(sys.executable).with_name("vllm")), "serve", str(MODEL_DIR), "--plugin", "multiverse",
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-        "--kv-cache-memory-bytes", str(512 * 2**20), "--host", "127.0.0.1", "--port", str(port),
+        "--kv-cache-memory-bytes", str(512 * 2**20), "--host", "127.0.0.1", "--port", str(port), *extra_args,
     ]
-    print("$ " + " ".join(["vllm", *cmd[1:]]))
+    if progress:
+        print("$ " + " ".join(["vllm", *cmd[1:]]))
+    # The server loads the plugins vLLM finds, in its own engine process.
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING")}
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
     spin = "|/-\\"
@@ -58,12 +63,14 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
             pass
         if proc.poll() is not None or time.time() - t0 > 600:
             proc.kill()
-            sys.exit("the server did not start; its log:\n" + log_path.read_text()[-3000:])
-        sys.stdout.write(f"\rLoading the model and starting vLLM {spin[i % 4]} {time.time() - t0:4.0f} s")
-        sys.stdout.flush()
+            raise RuntimeError("the server did not start; its log:\n" + log_path.read_text()[-3000:])
+        if progress:
+            sys.stdout.write(f"\rLoading the model and starting vLLM {spin[i % 4]} {time.time() - t0:4.0f} s")
+            sys.stdout.flush()
         i += 1
         time.sleep(0.25)
-    print(f"\rServer ready after {time.time() - t0:.0f} s ({log_path})          ")
+    if progress:
+        print(f"\rServer ready after {time.time() - t0:.0f} s ({log_path})          ")
     return proc, base
 
 
@@ -84,7 +91,11 @@ def main() -> int:
     picks = [next(t for t in tasks if not t.parallel), tasks[0], next(t for t in tasks if len(t.rounds) > 1)]
     picks.append(next(t for t in tasks if t.split is not None))
 
-    proc, base = start_server(Path(tempfile.mkdtemp(prefix="mv-demo-")) / "server.log")
+    try:
+        proc, base = start_server(Path(tempfile.mkdtemp(prefix="mv-demo-")) / "server.log")
+    except RuntimeError as e:
+        print(e)
+        return 1
     try:
         client = OpenAI(base_url=base + "/v1", api_key="none", timeout=600)
         for task in picks:
