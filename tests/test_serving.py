@@ -161,3 +161,61 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(client, server):
     ok = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=20, extra_body=RAW)
     assert ok.usage.completion_tokens == 20
     assert server["proc"].poll() is None
+
+
+def _multiverse_metrics(base):
+    """The server's multiverse:* samples, summed over labels other than ``reason``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+    got = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            if s.name.startswith("multiverse:") and not s.name.endswith("_created"):
+                key = s.name + (f"{{{s.labels['reason']}}}" if "reason" in s.labels else "")
+                if "le" in s.labels:
+                    key += f"{{le={s.labels['le']}}}"
+                got[key] = got.get(key, 0) + s.value
+    return got
+
+
+def test_metrics_count_the_forks_the_requests_cause(client, server):
+    """Forks, merges, Paths per fork and parallel tokens at /metrics equal
+    what the returned texts show: one fork and one merge per Parallel block,
+    one Path per <Path>, and every Path token after its engine-written
+    header sampled in parallel (prompts without a nested block)."""
+    import re
+    import time
+
+    from vllm_multiverse.training.train import held_out_tasks
+
+    tasks = [t for t in held_out_tasks(16) if t.parallel and t.split is None][:3]
+    before = _multiverse_metrics(server["base"])
+    assert "multiverse:forks_total" in before  # exported from the start
+    texts = [client.completions.create(model=str(TINY_MODEL), prompt=_chat_prompt(t.prompt()), temperature=0,
+                                       max_tokens=MAX_TOKENS, extra_body=RAW).choices[0].text for t in tasks]
+    blocks = sum(t.count("<Parallel>") for t in texts)
+    paths = [len(re.findall(r"<Path>", block)) for t in texts for block in t.split("<Parallel>")[1:]]
+    path_bodies = [m for t in texts for m in re.findall(r"<Path>\n[0-9.]+:(.*?</Path>\n)", t, re.S)]
+    sampled = sum(len(tokenizer().encode(b, add_special_tokens=False)) for b in path_bodies)
+    assert blocks >= 3 and len(path_bodies) == sum(paths)
+    want = {
+        "multiverse:forks_total": blocks,
+        "multiverse:merges_total": blocks,
+        "multiverse:paths_per_fork_count": blocks,
+        "multiverse:paths_per_fork_sum": sum(paths),
+        "multiverse:paths_per_fork_bucket{le=4.0}": sum(n <= 4 for n in paths),
+        "multiverse:fallbacks_total{caps}": 0,
+        "multiverse:fallbacks_total{kv_cache}": 0,
+        "multiverse:parallel_tokens_total": sampled,
+    }
+    deadline = time.time() + 20  # stats reach the API server with the engine's next output
+    while True:
+        after = _multiverse_metrics(server["base"])
+        got = {k: after.get(k, 0) - before.get(k, 0) for k in want}
+        if got == want or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -43,6 +44,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_multiverse.engine.attn_mask import Rect, rects_for
 from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.engine.logprobs import Row, rows_of, to_lists
+from vllm_multiverse import metrics
 from vllm_multiverse.engine.vllm_compat import check_vllm_version
 from vllm_multiverse.log import init_logger
 from vllm_multiverse.model_config import read_multiverse_config
@@ -147,6 +149,7 @@ class MultiverseScheduler(Scheduler):
             "preemptions": 0,
             "masked_tokens": 0,
         }
+        self.mv_paths_per_fork: Counter[int] = Counter()
         self._to_fork: list[Request] = []
         self._to_merge: list[ForkGroup] = []
         self._pending_copies: list[tuple[int, int]] = []
@@ -309,6 +312,9 @@ class MultiverseScheduler(Scheduler):
                 break
             stopped = self._write(request, track, ev.write, kept)
             break
+        if track.group is not None and track.group.concurrency > 1:
+            # Sampled by a branch beside its siblings; written headers are not.
+            self.mv_stats["parallel_tokens"] += self._written.get(request.request_id, len(kept))
         return kept, stopped
 
     def _write(self, request: Request, track: Track, tokens, kept: list[int]) -> bool:
@@ -360,6 +366,7 @@ class MultiverseScheduler(Scheduler):
         self.mv_groups[rid] = group
         self.mv_stats["forks"] += 1
         self.mv_stats["paths"] += n
+        self.mv_paths_per_fork[n] += 1
         logger.debug("fork %s at token %d into %d Paths", rid, parent.num_tokens - 1, n)
 
     def _root_id(self, request: Request) -> str:
@@ -536,7 +543,6 @@ class MultiverseScheduler(Scheduler):
         )
         group.running.pop(k, None)
         self.mv_branches_per_root[group.root_id] -= 1
-        self.mv_stats["parallel_tokens"] += request.num_output_tokens
         if not group.merging and self._text_in_order(group) is not None:
             group.merging = True
             self._to_merge.append(group)
@@ -698,6 +704,12 @@ class MultiverseScheduler(Scheduler):
             # A parent preempted at its fork forks again once recomputed.
             ev = track.state.event
             track.engine_due = ev is not None and ev.kind is EventKind.FORK and not track.sequential
+
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:
+            metrics.attach(stats, metrics.scheduler_totals(self.mv_stats, self.mv_paths_per_fork))
+        return stats
 
     def get_num_unfinished_requests(self) -> int:
         # Parents parked at a fork and held trees are in neither queue.

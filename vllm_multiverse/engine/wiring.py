@@ -51,6 +51,8 @@ def configure_engine(vllm_config) -> bool:
         # the scheduler keeps requests from reading the cache instead.
         cfg = replace(cfg, prefix_caching=False)
         vllm_config.cache_config.enable_prefix_caching = True
+    # enabled=True marks the engine as on for the API server's stat logger.
+    cfg = replace(cfg, enabled=True)
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg.to_dict()}
     logger.info("Multiverse decoding on for %s", vllm_config.model_config.model)
     return True

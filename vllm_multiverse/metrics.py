@@ -1,0 +1,122 @@
+"""Multiverse counters at vLLM's ``/metrics``.
+
+The scheduler counts forks, merges, Paths per fork, fallbacks and tokens
+decoded in parallel in the engine-core process; Prometheus is served by the
+API server. vLLM 0.32.0 carries only ``SchedulerStats`` from one to the
+other and has no field for a plugin's own figures, so the scheduler's
+running totals ride in ``SchedulerStats.waiting_lora_adapters`` (a
+``dict[str, int]`` that vLLM reads only when LoRA is on, and then only its
+keys) under keys no adapter can have. :class:`MultiverseStatLogger`, loaded
+by vLLM from the ``vllm.stat_logger_plugins`` entry point and called before
+vLLM's own loggers, takes them out again and exports them. This module is
+the only place that knows the carrier; a vLLM that grows a field for it
+changes only :func:`attach` and :func:`take`.
+
+Totals, not deltas, travel: a step whose stats are not delivered loses
+nothing, and the logger increments by the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+from vllm.v1.metrics.stats import SchedulerStats
+
+from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY
+
+_PREFIX = "vllm-multiverse/"  # a LoRA adapter name never holds a slash here
+PATHS_PREFIX = "paths_per_fork/"
+PATHS_BUCKETS = (2, 3, 4, 5, 6, 8, 12, 16, 32, 64)
+
+
+def attach(stats: SchedulerStats, totals: Mapping[str, int]) -> None:
+    """Engine core: put the scheduler's running totals on ``stats``."""
+    stats.waiting_lora_adapters.update({_PREFIX + k: int(v) for k, v in totals.items()})
+
+
+def take(stats: SchedulerStats) -> dict[str, int]:
+    """API server: remove the totals from ``stats`` (before vLLM's loggers see them)."""
+    carrier = stats.waiting_lora_adapters
+    keys = [k for k in carrier if k.startswith(_PREFIX)]
+    return {k[len(_PREFIX) :]: carrier.pop(k) for k in keys}
+
+
+def scheduler_totals(stats: Mapping[str, int], paths_per_fork: Mapping[int, int]) -> dict[str, int]:
+    totals = dict(stats)
+    totals.update({f"{PATHS_PREFIX}{n}": count for n, count in paths_per_fork.items()})
+    return totals
+
+
+class MultiverseStatLogger(AggregateStatLoggerBase):
+    """Exports the scheduler's totals as ``multiverse:*`` Prometheus metrics.
+
+    The names are not ``vllm:*`` because vLLM's Prometheus logger, built
+    after this one, unregisters every ``vllm:*`` collector it finds.
+    """
+
+    def __init__(self, vllm_config, engine_indexes: list[int] | None = None):
+        self.engine_indexes = engine_indexes or [0]
+        # configure_engine marks an engine it turned on; others export nothing.
+        raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+        self.enabled = raw.get("enabled") is True
+        self._last: dict[int, dict[str, int]] = {}
+        if not self.enabled:
+            return
+        _unregister_ours()
+        labels = ["model_name", "engine"]
+        self._model_name = vllm_config.model_config.served_model_name
+        self.forks = Counter(
+            "multiverse:forks", "Parallel blocks split into branch requests (fallbacks included).", labels
+        )
+        self.merges = Counter("multiverse:merges", "Parallel blocks merged back into their request.", labels)
+        self.paths_per_fork = Histogram(
+            "multiverse:paths_per_fork", "Paths of each forked Parallel block.", labels, buckets=PATHS_BUCKETS
+        )
+        self.fallbacks = Counter(
+            "multiverse:fallbacks",
+            "Forks whose Paths ran one at a time: caps (--multiverse-max-*) or kv_cache (KV exhausted).",
+            [*labels, "reason"],
+        )
+        self.parallel_tokens = Counter(
+            "multiverse:parallel_tokens", "Tokens sampled by branches decoding beside their siblings.", labels
+        )
+        for idx in self.engine_indexes:  # every series exists from the start, at 0
+            engine = (self._model_name, str(idx))
+            for metric in (self.forks, self.merges, self.paths_per_fork, self.parallel_tokens):
+                metric.labels(*engine)
+            for reason in ("caps", "kv_cache"):
+                self.fallbacks.labels(*engine, reason)
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        totals = take(scheduler_stats)
+        if not totals or not self.enabled:
+            return
+        last = self._last.get(engine_idx, {})
+        self._last[engine_idx] = totals
+        delta = {k: v - last.get(k, 0) for k, v in totals.items() if v > last.get(k, 0)}
+        if not delta:
+            return
+        engine = (self._model_name, str(engine_idx))
+        self.forks.labels(*engine).inc(delta.get("forks", 0))
+        self.merges.labels(*engine).inc(delta.get("merges", 0))
+        self.fallbacks.labels(*engine, "caps").inc(delta.get("fallbacks", 0))
+        self.fallbacks.labels(*engine, "kv_cache").inc(delta.get("rollbacks", 0))
+        self.parallel_tokens.labels(*engine).inc(delta.get("parallel_tokens", 0))
+        for key, count in delta.items():
+            if key.startswith(PATHS_PREFIX):
+                for _ in range(count):
+                    self.paths_per_fork.labels(*engine).observe(int(key[len(PATHS_PREFIX) :]))
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def _unregister_ours() -> None:
+    """A second engine in one process (tests, notebooks) builds the metrics again."""
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", "").startswith("multiverse:"):
+            REGISTRY.unregister(collector)
