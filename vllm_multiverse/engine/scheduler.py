@@ -41,10 +41,10 @@ from vllm.v1.core.sched.utils import check_stop
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_multiverse import metrics
 from vllm_multiverse.engine.attn_mask import Rect, rects_for
 from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.engine.logprobs import Row, rows_of, to_lists
-from vllm_multiverse import metrics
 from vllm_multiverse.engine.vllm_compat import check_vllm_version
 from vllm_multiverse.log import init_logger
 from vllm_multiverse.model_config import read_multiverse_config
@@ -142,7 +142,6 @@ class MultiverseScheduler(Scheduler):
         self.mv_stats = {
             "forks": 0,
             "merges": 0,
-            "paths": 0,
             "fallbacks": 0,
             "rollbacks": 0,
             "parallel_tokens": 0,
@@ -365,7 +364,6 @@ class MultiverseScheduler(Scheduler):
         self.running.remove(parent)
         self.mv_groups[rid] = group
         self.mv_stats["forks"] += 1
-        self.mv_stats["paths"] += n
         self.mv_paths_per_fork[n] += 1
         logger.debug("fork %s at token %d into %d Paths", rid, parent.num_tokens - 1, n)
 
