@@ -6,7 +6,7 @@ import torch
 from vllm_multiverse.structure import EventKind, MultiverseTokens, StructureConfig, analyze
 from vllm_multiverse.training.tasks import TaskSampler, extract_answer
 from vllm_multiverse.training.tokenizer import build_tokenizer
-from vllm_multiverse.training.train import TrainConfig, build_model, collate, encode_example
+from vllm_multiverse.training.train import RowPacker, TrainConfig, build_model, collate, encode_example
 
 TOK = build_tokenizer()
 TOKENS = MultiverseTokens.from_tokenizer(TOK)
@@ -69,13 +69,46 @@ def test_gold_outputs_are_worth_parallelising():
 
 def test_collate_uses_the_structure_rule():
     batch = [encode_example(TOK, TOKENS, t) for t in TASKS[:3]]
-    input_ids, labels, positions, mask = collate(batch, TOKENS, TOK.pad_token_id)
+    input_ids, labels, positions, mask = collate([[ex] for ex in batch], TOKENS, TOK.pad_token_id)
     for r, (ids, plen) in enumerate(batch):
         s = analyze(ids, TOKENS)
         n = len(ids)
         assert positions[r, :n].tolist() == s.positions.tolist()
         assert torch.equal(mask[r, 0, :n, :n] == 0, torch.from_numpy(s.dense_mask()))
         assert (labels[r, :plen] == -100).all() and labels[r, plen:n].tolist() == ids[plen:]
+
+
+def test_packer_fills_rows_first_fit_and_keeps_every_example():
+    examples = iter([encode_example(TOK, TOKENS, t) for t in TASKS])
+    packer = RowPacker(rows=4, row_tokens=1024)
+    seen = []
+    for _ in range(5):
+        rows = packer.batch(lambda: next(examples))
+        assert len(rows) == 4
+        assert all(sum(len(ids) for ids, _ in row) <= 1024 for row in rows)
+        seen += [ids for row in rows for ids, _ in row]
+    assert any(len(row) > 1 for row in rows)
+    # Nothing lost or repeated: what the rows hold plus the one waiting
+    # example are exactly the first examples drawn.
+    drawn = seen + [ids for ids, _ in packer.waiting]
+    expected = [encode_example(TOK, TOKENS, t)[0] for t in TASKS[: len(drawn)]]
+    assert sorted(map(tuple, drawn)) == sorted(map(tuple, expected))
+
+
+def test_packed_examples_do_not_see_each_other():
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(layers=2), TOK).eval()
+    a, b = (encode_example(TOK, TOKENS, t) for t in TASKS[:2])
+
+    def logits(rows):
+        input_ids, _, positions, mask = collate(rows, TOKENS, TOK.pad_token_id)
+        with torch.no_grad():
+            return model(input_ids=input_ids, position_ids=positions, attention_mask=mask).logits
+
+    packed = logits([[a, b]])[0]
+    alone_a, alone_b = logits([[a]])[0], logits([[b]])[0]
+    torch.testing.assert_close(packed[: len(a[0])], alone_a[: len(a[0])], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed[len(a[0]) : len(a[0]) + len(b[0])], alone_b[: len(b[0])], rtol=1e-4, atol=1e-4)
 
 
 def test_training_is_deterministic_and_learns():
@@ -86,8 +119,8 @@ def test_training_is_deterministic_and_learns():
         cfg = TrainConfig(steps=3, batch_size=2, layers=1)
         model = build_model(cfg, TOK)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        batch = [encode_example(TOK, TOKENS, t) for t in TASKS[:2]]
-        input_ids, labels, positions, mask = collate(batch, TOKENS, TOK.pad_token_id)
+        rows = [[encode_example(TOK, TOKENS, t)] for t in TASKS[:2]]
+        input_ids, labels, positions, mask = collate(rows, TOKENS, TOK.pad_token_id)
         losses = []
         for _ in range(3):
             loss = model(input_ids=input_ids, labels=labels, position_ids=positions, attention_mask=mask).loss
@@ -100,3 +133,24 @@ def test_training_is_deterministic_and_learns():
     (l1, w1), (l2, w2) = run(), run()
     assert l1 == l2 and torch.equal(w1, w2)
     assert l1[-1] < l1[0]
+
+
+def test_judge_asks_for_the_blocks_the_prompt_calls_for():
+    from dataclasses import replace
+
+    from vllm_multiverse.training.evaluate import judge
+
+    def verdict(task, written):
+        ids, plen = encode_example(TOK, TOKENS, task)
+        out = TOK.encode(written.completion(), add_special_tokens=False)
+        return judge(task, ids[:plen], out, TOKENS, TOK)
+
+    for task in TASKS[:40]:
+        r = verdict(task, task)
+        assert r.well_formed and r.correct, task.prompt()
+    split = next(t for t in TASKS if t.split is not None)
+    unnested = verdict(split, replace(split, split=None))
+    assert unnested.correct and not unnested.well_formed
+    rounds = next(t for t in TASKS if len(t.rounds) == 2)
+    one_block = verdict(rounds, replace(rounds, rounds=(rounds.ks,)))
+    assert one_block.correct and not one_block.well_formed

@@ -20,7 +20,6 @@ def test_bundled_model_writes_well_formed_structure(tiny_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="answers are wrong: see the model card's known weakness")
 def test_acceptance_on_200_held_out_prompts(tiny_model_dir):
     torch.set_num_threads(2)
     summary, _ = evaluate(tiny_model_dir, 200)

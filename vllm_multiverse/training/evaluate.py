@@ -2,8 +2,9 @@
 
     python -m vllm_multiverse.training.evaluate models/multiverse-tiny --n 200
 
-Per prompt: is the structure well formed (for prompts that call for
-parallelism; a plain prompt must get no Parallel block), is the final answer
+Per prompt: is the structure well formed and the one the prompt calls for
+(a block per round, a nested block for a split sub-task, no block for a
+plain prompt), is the final answer
 exactly right, and the ideal speedup of the output: generated tokens over the
 tokens on the critical path (each block counted by its longest Path), read
 off the structure module's engine-convention positions.
@@ -51,12 +52,17 @@ def critical_path(token_ids, prompt_len: int, tokens) -> int:
 def judge(task: Task, prompt_ids, out_ids, tokens, tok) -> PromptResult:
     seq = list(prompt_ids) + list(out_ids)
     s = analyze(seq, tokens)
-    forks = sum(e.kind is EventKind.FORK and e.index >= len(prompt_ids) for e in s.events)
+    forks = [e.depth for e in s.events if e.kind is EventKind.FORK and e.index >= len(prompt_ids)]
     concls = sum(e.kind is EventKind.CONCLUSION and e.index >= len(prompt_ids) for e in s.events)
-    if task.parallel:
-        well = s.well_formed and forks > 0 and forks == concls
-    else:
-        well = s.well_formed and forks == 0
+    # The blocks the prompt calls for: one per round, and one nested block
+    # in the split sub-task's Path.
+    well = (
+        s.well_formed
+        and len(forks) == concls
+        and forks.count(1) == (len(task.rounds) if task.parallel else 0)
+        and forks.count(2) == (task.split is not None)
+        and max(forks, default=0) <= 2
+    )
     text = tok.decode(out_ids, skip_special_tokens=False)
     return PromptResult(
         prompt=task.prompt(),
@@ -112,14 +118,16 @@ Multiverse MapReduce structure on a synthetic task. It exists to test and
 demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 
 - Task (`vllm_multiverse/training/tasks.py`): "Start at S and add k eight
-  times, for k = 1 to N." One Outline and one Path per k (N from 2 to 8);
-  Path k writes its eight additions and ends with `{{label}}={{result}}`, the
-  Conclusion lists every `label=result`, and `Answer:` lists the results.
-  A single k gets a plain answer (no Parallel block); "k = 1 to 3, then
-  k = 4 to 6" gives two blocks one after the other; "Split k = 2 in halves."
-  gives a block nested in that Path. The label is the sub-task's data, so a
-  Path needs nothing from the prompt but S (an earlier format, with each
-  Path's data under its label in the prompt, was not learned at this size).
+  times, for k = 1 to N." (S from 10 to 99). One Outline and one Path per k
+  (N from 2 to 8); Path k writes its eight additions and ends with
+  `{{label}}={{result}}`, the Conclusion lists every `label=result`, and
+  `Answer:` lists the results. A single k gets a plain answer (no Parallel
+  block); "k = 1 to 3, then k = 4 to 6" gives two blocks one after the
+  other; "Split k = 1 in halves." gives a block nested in Path 1. The
+  label is the sub-task's data, so a Path needs nothing from the prompt but
+  S: the model does not look things up by label (an earlier format, with
+  each Path's data under its label in the prompt, was not learned at this
+  size; a split of any k nested in 5 of 41 prompts).
 - Format: the authors' (twelve tag tokens, every tag on its own line,
   "Let's think in parallel." before each block, labels `1:`, nested `1.1:`),
   with the engine-written headers `\\n<Path>\\n{{label}}` and `<Conclusion>\\n`.
@@ -131,14 +139,16 @@ demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 - Architecture: {layers} layers, hidden {hidden}, {heads} heads of 64, float32.
 - Training: `make model` (= `python -m vllm_multiverse.training.train --out
   models/multiverse-tiny --seed {seed}` then this evaluation), {steps} steps of
-  batch {batch}, AdamW lr {lr}, {train_seconds:.0f} s on 2 CPU cores.
+  {batch} rows of up to {row_tokens} tokens (examples packed side by side,
+  {examples:,} examples in all), AdamW lr {lr}, {train_seconds:.0f} s on 2 CPU
+  cores.
 
 ## Measured (reference decoder, greedy, {prompts} held-out prompts)
 
 | metric | value |
 |---|---|
-| well-formed structure, prompts that call for parallelism ({parallel_prompts}) | {well_formed_parallel:.1%} |
-| well-formed structure, all prompts | {well_formed_all:.1%} |
+| well-formed structure with the blocks the prompt calls for, parallel prompts ({parallel_prompts}) | {well_formed_parallel:.1%} |
+| the same, all prompts | {well_formed_all:.1%} |
 | final answer exactly right | {answer_exact:.1%} |
 | mean ideal speedup (output tokens / critical-path tokens), all prompts | {ideal_speedup_mean:.2f} |
 | mean ideal speedup, parallel prompts | {ideal_speedup_mean_parallel:.2f} |
@@ -174,6 +184,8 @@ def write_card(model_dir: Path, summary: dict) -> None:
             seed=tc["seed"],
             steps=tc["steps"],
             batch=tc["batch_size"],
+            row_tokens=tc["row_tokens"],
+            examples=meta["examples"],
             lr=tc["lr"],
             train_seconds=meta["train_seconds"],
             weakness=WEAKNESS if summary["answer_exact"] < 0.9 else "",

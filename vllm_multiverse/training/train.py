@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,13 +27,15 @@ from vllm_multiverse.training.tasks import TaskSampler
 from vllm_multiverse.training.tokenizer import IM_END, build_tokenizer
 
 HELD_OUT_SEED = 10_000  # evaluation prompts; training uses --seed
+Example = tuple[list[int], int]  # token ids, prompt length
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1600
-    batch_size: int = 8
+    steps: int = 1350
+    batch_size: int = 8  # rows per step
+    row_tokens: int = 1088  # examples are packed into rows of at most this many tokens
     lr: float = 3e-3
     warmup: int = 60
     weight_decay: float = 0.01
@@ -58,23 +61,57 @@ def chat_prompt(tok, user_text: str) -> str:
     )
 
 
-def collate(batch, tokens: MultiverseTokens, pad_id: int):
-    """input_ids, labels (assistant tokens only), position ids, 4-D masks."""
-    n = max(len(ids) for ids, _ in batch)
-    b = len(batch)
+class RowPacker:
+    """Fills `rows` rows of at most `row_tokens` tokens with examples, first
+    fit in arrival order; an example that fits nowhere waits for the next
+    batch. Padding to the longest example wasted a quarter of each step."""
+
+    def __init__(self, rows: int, row_tokens: int) -> None:
+        self.rows, self.row_tokens = rows, row_tokens
+        self.waiting: list[Example] = []
+
+    def batch(self, next_example: Callable[[], Example]) -> list[list[Example]]:
+        rows: list[list[Example]] = []
+        used: list[int] = []
+        while True:
+            ex = self.waiting.pop() if self.waiting else next_example()
+            if len(ex[0]) > self.row_tokens:
+                raise ValueError(f"an example of {len(ex[0])} tokens does not fit a row of {self.row_tokens}")
+            free = next((i for i, u in enumerate(used) if u + len(ex[0]) <= self.row_tokens), None)
+            if free is not None:
+                rows[free].append(ex)
+                used[free] += len(ex[0])
+            elif len(rows) < self.rows:
+                rows.append([ex])
+                used.append(len(ex[0]))
+            else:
+                self.waiting.append(ex)
+                return rows
+
+
+def collate(rows, tokens: MultiverseTokens, pad_id: int):
+    """input_ids, labels (assistant tokens only), position ids, 4-D masks.
+
+    Each row holds one or more examples side by side: each keeps its own
+    positions and Multiverse mask, and sees nothing of the others."""
+    n = max(sum(len(ids) for ids, _ in row) for row in rows)
+    b = len(rows)
     input_ids = torch.full((b, n), pad_id, dtype=torch.long)
     labels = torch.full((b, n), -100, dtype=torch.long)
     positions = torch.zeros((b, n), dtype=torch.long)
     allowed = torch.zeros((b, 1, n, n), dtype=torch.bool)
-    for r, (ids, plen) in enumerate(batch):
-        s = analyze(ids, tokens)
-        L = len(ids)
-        input_ids[r, :L] = torch.tensor(ids)
-        labels[r, plen:L] = torch.tensor(ids[plen:])
-        positions[r, :L] = torch.from_numpy(s.positions)
-        allowed[r, 0, :L, :L] = torch.from_numpy(s.dense_mask())
-        # Padding rows attend to themselves only, so no row is all -inf.
-        allowed[r, 0, L:, L:] = torch.eye(n - L, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        o = 0
+        for ids, plen in row:
+            s = analyze(ids, tokens)
+            e = o + len(ids)
+            input_ids[r, o:e] = torch.tensor(ids)
+            labels[r, o + plen : e] = torch.tensor(ids[plen:])
+            positions[r, o:e] = torch.from_numpy(s.positions)
+            allowed[r, 0, o:e, o:e] = torch.from_numpy(s.dense_mask())
+            o = e
+        # Padding attends to itself only, so no row of the mask is all -inf.
+        allowed[r, 0, o:, o:] = torch.eye(n - o, dtype=torch.bool)
     mask = torch.zeros(allowed.shape, dtype=torch.float32)
     mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
     return input_ids, labels, positions, mask
@@ -118,15 +155,20 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     sampler = TaskSampler(cfg.seed)
     held_out = {t.prompt() for t in held_out_tasks(200)}
+
+    def next_example():
+        while (task := sampler.sample()).prompt() in held_out:
+            pass
+        return encode_example(tok, tokens, task)
+
+    packer = RowPacker(cfg.batch_size, cfg.row_tokens)
     t0 = time.time()
     history = []
+    examples = 0
     for step in range(cfg.steps):
-        batch = []
-        while len(batch) < cfg.batch_size:
-            task = sampler.sample()
-            if task.prompt() not in held_out:
-                batch.append(encode_example(tok, tokens, task))
-        input_ids, labels, positions, mask = collate(batch, tokens, tok.pad_token_id)
+        rows = packer.batch(next_example)
+        examples += sum(len(r) for r in rows)
+        input_ids, labels, positions, mask = collate(rows, tokens, tok.pad_token_id)
         loss = model(input_ids=input_ids, labels=labels, position_ids=positions, attention_mask=mask).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,7 +180,12 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
             print(f"step {step:5d} loss {loss.item():.4f} {time.time() - t0:7.1f}s", flush=True)
     model.eval()
     save(model, tok, tokens, out)
-    meta = {"train_config": asdict(cfg), "train_seconds": round(time.time() - t0, 1), "loss": history}
+    meta = {
+        "train_config": asdict(cfg),
+        "train_seconds": round(time.time() - t0, 1),
+        "examples": examples,
+        "loss": history,
+    }
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
