@@ -144,6 +144,37 @@ def test_goal_with_zero_or_many_outlines(llm, n_outlines):
     assert _free_blocks(llm) == free0 and not sched.mv_groups
 
 
+def test_max_tokens_inside_a_nested_block(llm):
+    """The cap falls in a nested Path: Path 1 ends at its own (nested)
+    merge, and the outer fork must still take its text and merge. It once
+    waited on that Path forever."""
+    from engine_harness import tokenizer
+
+    from vllm_multiverse.structure import MultiverseTokens
+    from vllm_multiverse.training.train import held_out_tasks
+
+    tok = tokenizer()
+    goal_close = MultiverseTokens.from_tokenizer(tok).goal_close
+    sched = scheduler(llm)
+    free0 = _free_blocks(llm)
+    split = [t for t in held_out_tasks(200) if t.split is not None][:3]
+    assert split
+    for task in split:
+        prompt = held_out_prompts(200)[held_out_tasks(200).index(task)]
+        full, _ = reference_output(tuple(prompt), MAX_TOKENS)
+        closes = [i for i, t in enumerate(full) if t == goal_close]
+        assert len(closes) >= 2, "the model did not nest on a split prompt"
+        cap = closes[1] + 12  # inside nested Path 1.1, in text order
+        rid = f"nested-cap-{cap}"
+        llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, greedy(max_tokens=cap))
+        # Stepped with a limit: the bug this pins down never finished.
+        outs = step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests(), limit=4 * cap)
+        out = next(o for o in outs if o.finished).outputs[0]
+        ref, reason = reference_output(tuple(prompt), cap)
+        assert (list(out.token_ids), out.finish_reason) == (ref, reason) and reason == "length"
+    assert not sched.mv_groups and not sched.mv_tracks and _free_blocks(llm) == free0
+
+
 @pytest.mark.parametrize("rounds", [5, pytest.param(25, marks=pytest.mark.slow)])
 def test_no_block_leaks_after_many_requests_with_aborts(llm, rounds):
     sched = scheduler(llm)

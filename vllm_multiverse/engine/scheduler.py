@@ -596,7 +596,9 @@ class MultiverseScheduler(Scheduler):
             parent.status = finish or RequestStatus.FINISHED_LENGTH_CAPPED
             self._drop_results(group)
             self._emit(parent, text, rows, finished=True)
-            self.mv_tracks.pop(rid, None)
+            # Not popping the track here: for a Path that ends in its nested
+            # merge, _free_request_blocks hands its text to its own fork
+            # (without it that fork waited on the Path forever).
             self._free_request(parent)
             return True
         self._splice_kv(group)

@@ -117,13 +117,15 @@ Multiverse attention and positions from `vllm_multiverse.structure`, to write
 Multiverse MapReduce structure on a synthetic task. It exists to test and
 demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 
-- Task (`vllm_multiverse/training/tasks.py`): "Start at S and add k eight
+- Task (`vllm_multiverse/training/tasks.py`): "Start at S and add k seven
   times, for k = 1 to N." (S from 10 to 99). One Outline and one Path per k
-  (N from 2 to 8); Path k writes its eight additions and ends with
+  (N from 2 to 8); Path k writes its seven additions and ends with
   `{{label}}={{result}}`, the Conclusion lists every `label=result`, and
   `Answer:` lists the results. A single k gets a plain answer (no Parallel
   block); "k = 1 to 3, then k = 4 to 6" gives two blocks one after the
-  other; "Split k = 1 in halves." gives a block nested in Path 1. The
+  other (always of equal size: the model does not read where a second
+  round of another size ends); "Split k = 1 in halves." gives a block
+  nested in Path 1. The
   label is the sub-task's data, so a Path needs nothing from the prompt but
   S: the model does not look things up by label (an earlier format, with
   each Path's data under its label in the prompt, was not learned at this

@@ -1,20 +1,24 @@
 """A synthetic MapReduce task that makes parallel decoding worth it.
 
-"Start at S and add k eight times, for k = 1 to N.": sub-task k is S + 8k,
-written out as eight additions (about 70 tokens), so a Goal gets one Outline
+"Start at S and add k seven times, for k = 1 to N.": sub-task k is S + 7k,
+written out as seven additions (55 to 76 tokens), so a Goal gets one Outline
 per k, one Path per Outline, and a Conclusion that collects the Path results
 into the final, exactly checkable answer:
 
-- one k ("Start at 23 and add 4 eight times."): a plain answer, no Parallel
+- one k ("Start at 23 and add 4 seven times."): a plain answer, no Parallel
   block (the sequential path);
 - k = 1 to N, N from 2 to 8: one Parallel block;
-- "for k = 1 to 3, then k = 4 to 6": two blocks one after the other (labels
-  continue across rounds);
+- "for k = 1 to 3, then k = 4 to 6": two blocks of equal size one after the
+  other (labels continue across rounds);
 - "Split k = 1 in halves.": Path 1 holds a nested block, "1.1:" adding 1
-  four times to S and "1.2:" adding 1 four times to 0, and adds the halves.
+  four times to S and "1.2:" adding 1 three times to 0, and adds the halves.
   Always k = 1: when any k could be split, the Path had to compare its own
   label with the one in the prompt, and the model opened the nested block
   with probability 1/N in every Path (5 of 41 split prompts nested).
+
+Seven additions, not eight: S runs to 99 (see TaskSampler), so sums reach
+three digits, and eight three-digit additions made a Path 86 tokens long,
+past the 80 a sub-task may take.
 
 Why this task: a Path knows which sub-task is its own only from the label
 the engine wrote into its header (Paths share positions). Sub-tasks whose
@@ -39,8 +43,9 @@ from dataclasses import dataclass
 
 PARALLEL_CUE = "Let's think in parallel."
 ANSWER_CUE = "Answer:"
-REPEATS = 8  # additions per sub-task
-HALVES = (4, 4)  # additions per nested Path of a split sub-task
+REPEATS = 7  # additions per sub-task
+REPEATS_WORD = "seven"
+HALVES = (4, 3)  # additions per nested Path of a split sub-task
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,9 @@ class Task:
 
     def prompt(self) -> str:
         if not self.parallel:
-            return f"Start at {self.start} and add {self.ks[0]} eight times."
+            return f"Start at {self.start} and add {self.ks[0]} {REPEATS_WORD} times."
         ranges = ", then ".join(f"k = {r[0]} to {r[-1]}" for r in self.rounds)
-        text = f"Start at {self.start} and add k eight times, for {ranges}."
+        text = f"Start at {self.start} and add k {REPEATS_WORD} times, for {ranges}."
         if self.split is not None:
             text += f" Split k = {self.split} in halves."
         return text
@@ -118,15 +123,24 @@ def _steps(acc: int, k: int, n: int) -> str:
     return "".join(lines)
 
 
+# Block sizes of two-round prompts: equal. The model does not read where
+# the second range ends. With sizes 3 or 4 drawn apart (run E) its second
+# Goals ended with the first one's count or at label 7, the commonest
+# total; with sizes 3 to 5 (run F) they always ended at label 7 (16/42
+# right). Equal blocks make the count the first Goal's.
+_ROUNDS = [(3, 3), (4, 4)]
+
+
 class TaskSampler:
     """Seeded task mix: 4% one k, 25% two rounds, 15% with a split sub-task.
 
     Two rounds got a quarter because their second Goal (labels 5 to 8) is
     the rarest count to end: at 15% it stopped early in 12 of 31 prompts.
 
-    Most prompts have many sub-tasks: the sequential part (Outlines,
-    Conclusion, answer) costs about 15 tokens per sub-task against a Path of
-    about 75, so few sub-tasks would leave little to parallelise.
+    Most prompts have many sub-tasks, half of them eight: the sequential
+    part (Outlines, Conclusion, answer) costs about 15 tokens per sub-task
+    against a Path of about 65, so few sub-tasks would leave little to
+    parallelise (gold outputs: 1.6 times faster at N = 2, 3.25 at N = 8).
     """
 
     def __init__(self, seed: int) -> None:
@@ -143,9 +157,9 @@ class TaskSampler:
         if kind < 0.04:
             return Task(start, ((r.randint(1, 9),),))
         if kind < 0.29:
-            a, b = r.randint(3, 4), r.randint(3, 4)
+            a, b = r.choice(_ROUNDS)
             return Task(start, (tuple(range(1, a + 1)), tuple(range(a + 1, a + b + 1))))
-        n = r.choice((2, 3, 4, 5, 6, 7, 7, 8, 8, 8, 8))
+        n = r.choice((2, 3, 4, 5, 6, 7, 7, 8, 8, 8, 8, 8, 8, 8))
         split = 1 if kind < 0.44 else None
         return Task(start, (tuple(range(1, n + 1)),), split)
 

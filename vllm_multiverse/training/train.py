@@ -33,7 +33,7 @@ Example = tuple[list[int], int]  # token ids, prompt length
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1350
+    steps: int = 1450
     batch_size: int = 8  # rows per step
     row_tokens: int = 1088  # examples are packed into rows of at most this many tokens
     lr: float = 3e-3
