@@ -157,10 +157,9 @@ def test_max_tokens_inside_a_nested_block(llm):
     goal_close = MultiverseTokens.from_tokenizer(tok).goal_close
     sched = scheduler(llm)
     free0 = _free_blocks(llm)
-    split = [t for t in held_out_tasks(200) if t.split is not None][:3]
+    split = [p for t, p in zip(held_out_tasks(200), held_out_prompts(200)) if t.split is not None][:3]
     assert split
-    for task in split:
-        prompt = held_out_prompts(200)[held_out_tasks(200).index(task)]
+    for prompt in split:
         full, _ = reference_output(tuple(prompt), MAX_TOKENS)
         closes = [i for i, t in enumerate(full) if t == goal_close]
         assert len(closes) >= 2, "the model did not nest on a split prompt"
