@@ -24,7 +24,7 @@ def llm(tiny_model_dir):
 
 
 def test_engine_is_multiverse(llm):
-    from vllm_multiverse.engine.scheduler import MultiverseScheduler
+    from vllm_multiverse.vllm032.scheduler import MultiverseScheduler
 
     assert isinstance(scheduler(llm), MultiverseScheduler)
 
@@ -33,7 +33,7 @@ def test_engine_is_multiverse(llm):
 def test_greedy_outputs_equal_the_reference(llm, batch):
     prompts = held_out_prompts(16)[: max(batch, 4)]
     sched = scheduler(llm)
-    forks0 = sched.mv_stats["forks"]
+    forks0 = sched.mv.stats["forks"]
     got = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
@@ -42,13 +42,13 @@ def test_greedy_outputs_equal_the_reference(llm, batch):
     for p, g in zip(prompts, got):
         ref, _ = reference_output(tuple(p), MAX_TOKENS)
         assert g == ref
-    assert sched.mv_stats["forks"] > forks0
+    assert sched.mv.stats["forks"] > forks0
 
 
 def _group_of(sched, name):
     """The open fork of the request the test added as ``name`` (vLLM may
     extend request ids internally)."""
-    for rid, group in sched.mv_groups.items():
+    for rid, group in sched.mv.forks.items():
         if rid.startswith(name):
             return group
     return None
@@ -65,12 +65,13 @@ def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
     step_until(llm, lambda: _group_of(sched, "share") is not None and _group_of(sched, "share").running)
     group = _group_of(sched, "share")
     mgr = sched.kv_cache_manager
-    parent_blocks = mgr.get_blocks(group.parent.request_id).blocks[0]
+    parent_blocks = mgr.get_blocks(group.parent).blocks[0]
     full = group.prefix_len - 1  # tokens with KV in the parent at the fork
     n_full = full // sched.block_size
     assert len(group.running) == len(group.headers) >= 2
-    for child in group.running.values():
-        child_blocks = mgr.get_blocks(child.request_id).blocks[0]
+    for child_id in group.running.values():
+        child = sched.requests[child_id]
+        child_blocks = mgr.get_blocks(child_id).blocks[0]
         ids = [b.block_id for b in child_blocks[:n_full]]
         assert ids == [b.block_id for b in parent_blocks[:n_full]]
         assert child.num_computed_tokens == full
@@ -78,7 +79,7 @@ def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
         assert b.ref_cnt == 1 + len(group.running)
     # Siblings run in the same steps: each step until the first one ends
     # schedules every branch.
-    branch_ids = {c.request_id for c in group.running.values()}
+    branch_ids = set(group.running.values())
     steps = []
     original = sched.schedule
 
@@ -104,8 +105,8 @@ def test_abort_parent_aborts_branches_and_frees_blocks(llm):
     prompt = held_out_prompts(16)[1]
     llm.llm_engine.add_request("abort-me", {"prompt_token_ids": prompt}, greedy())
     step_until(llm, lambda: _group_of(sched, "abort-me") is not None and len(_group_of(sched, "abort-me").running) >= 2)
-    parent_id = _group_of(sched, "abort-me").parent.request_id
-    branch_ids = [c.request_id for c in _group_of(sched, "abort-me").running.values()]
+    parent_id = _group_of(sched, "abort-me").parent
+    branch_ids = list(_group_of(sched, "abort-me").running.values())
     for _ in range(3):
         llm.llm_engine.step()
     llm.llm_engine.abort_request(["abort-me"])
@@ -113,7 +114,7 @@ def test_abort_parent_aborts_branches_and_frees_blocks(llm):
         llm.llm_engine.step()
     assert not llm.llm_engine.has_unfinished_requests()
     assert parent_id not in sched.requests and not any(b in sched.requests for b in branch_ids)
-    assert not sched.mv_groups and not sched.mv_tracks
+    assert not sched.mv.forks and not sched.mv.tracks
     assert _free_blocks(llm) == free0
 
 
@@ -135,13 +136,13 @@ def test_goal_with_zero_or_many_outlines(llm, n_outlines):
     cut never start."""
     sched = scheduler(llm)
     free0 = _free_blocks(llm)
-    fallbacks0 = sched.mv_stats["fallbacks"]
+    fallbacks0 = sched.mv.stats["fallbacks"]
     prompt = _structured_prompt("".join(f"<Outline>\n{k + 1}:\n</Outline>\n" for k in range(n_outlines)))
     out = llm.generate([{"prompt_token_ids": prompt}], greedy(max_tokens=300), use_tqdm=False)[0].outputs[0]
     ref, reason = reference_output(tuple(prompt), 300)
     assert list(out.token_ids) == ref and out.finish_reason == reason
-    assert sched.mv_stats["fallbacks"] == fallbacks0 + (n_outlines == 20)
-    assert _free_blocks(llm) == free0 and not sched.mv_groups
+    assert sched.mv.stats["fallbacks"] == fallbacks0 + (n_outlines == 20)
+    assert _free_blocks(llm) == free0 and not sched.mv.forks
 
 
 def test_max_tokens_inside_a_nested_block(llm):
@@ -171,7 +172,7 @@ def test_max_tokens_inside_a_nested_block(llm):
         out = next(o for o in outs if o.finished).outputs[0]
         ref, reason = reference_output(tuple(prompt), cap)
         assert (list(out.token_ids), out.finish_reason) == (ref, reason) and reason == "length"
-    assert not sched.mv_groups and not sched.mv_tracks and _free_blocks(llm) == free0
+    assert not sched.mv.forks and not sched.mv.tracks and _free_blocks(llm) == free0
 
 
 @pytest.mark.parametrize("rounds", [5, pytest.param(25, marks=pytest.mark.slow)])
@@ -195,7 +196,7 @@ def test_no_block_leaks_after_many_requests_with_aborts(llm, rounds):
         while engine.has_unfinished_requests():
             engine.step()
     assert n == 40 * rounds
-    assert not sched.mv_groups and not sched.mv_tracks and not sched.requests
+    assert not sched.mv.forks and not sched.mv.tracks and not sched.requests
     assert _free_blocks(llm) == free0
 
 

@@ -33,8 +33,7 @@ def _idle(llm) -> bool:
     sched = scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     return (
-        not sched.mv_groups
-        and not sched.mv_tracks
+        not sched.mv.leftovers()
         and not sched.requests
         and pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # vLLM's null block
     )
@@ -52,11 +51,11 @@ def test_prefix_caching_off_means_no_cache_reads(llm):
 
 def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
     sched = scheduler(llm)
-    stats0 = dict(sched.mv_stats)
+    stats0 = dict(sched.mv.stats)
     prompts = held_out_prompts(24)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
-    assert sched.mv_stats["preemptions"] > stats0["preemptions"]
-    assert sched.mv_stats["merges"] > stats0["merges"]
+    assert sched.mv.stats["preemptions"] > stats0["preemptions"]
+    assert sched.mv.stats["merges"] > stats0["merges"]
     for p, o in zip(prompts, outs):
         assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
     assert _idle(llm)
@@ -66,7 +65,6 @@ def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
     """Preempt a request right after a merge: vLLM recomputes it from its
     tokens, and the Paths in them must not see each other (a causal
     recompute gives other tokens after the merge)."""
-    from vllm_multiverse.engine.attention import MultiverseCPUAttentionImpl
     from vllm_multiverse.training.train import held_out_tasks
 
     sched = scheduler(llm)
@@ -75,17 +73,16 @@ def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
     llm.llm_engine.add_request("recompute", {"prompt_token_ids": prompt}, greedy())
 
     def merged_and_running():
-        return sched.mv_stats["merges"] > merges0 and any(r.request_id.startswith("recompute") for r in sched.running)
+        return sched.mv.stats["merges"] > merges0 and any(r.request_id.startswith("recompute") for r in sched.running)
 
-    merges0 = sched.mv_stats["merges"]
+    merges0 = sched.mv.stats["merges"]
     outs = step_until(llm, merged_and_running)
     (req,) = [r for r in sched.running if r.request_id.startswith("recompute")]
-    masked0, rows0 = sched.mv_stats["masked_tokens"], MultiverseCPUAttentionImpl.masked_rows
-    sched._preempt_tree(req)
+    masked0 = sched.mv.stats["masked_tokens"]
+    sched._preempt_tree(req.request_id)
     assert req.num_computed_tokens == 0
     outs += step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
-    assert sched.mv_stats["masked_tokens"] > masked0
-    assert MultiverseCPUAttentionImpl.masked_rows > rows0
+    assert sched.mv.stats["masked_tokens"] > masked0
     final = [o for o in outs if o.request_id.startswith("recompute") and o.finished]
     assert final and list(final[-1].outputs[0].token_ids) == reference_output(tuple(prompt), 1500)[0]
     assert _idle(llm)
@@ -95,7 +92,7 @@ def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
     sched = scheduler(llm)
-    preemptions0 = sched.mv_stats["preemptions"]
+    preemptions0 = sched.mv.stats["preemptions"]
     prompts = held_out_prompts(200)
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
@@ -103,7 +100,7 @@ def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
         for p, o in zip(chunk, outs):
             assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
     if batch > 1:  # one request alone fits in this cache
-        assert sched.mv_stats["preemptions"] > preemptions0
+        assert sched.mv.stats["preemptions"] > preemptions0
     assert _idle(llm)
 
 

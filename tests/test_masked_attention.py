@@ -35,44 +35,41 @@ def llm(tiny_model_dir, request):
         llm.llm_engine.engine_core.shutdown()
 
 
-def masked_rows() -> int:
-    from vllm_multiverse.engine.attention import MultiverseCPUAttentionImpl
-
-    return MultiverseCPUAttentionImpl.masked_rows
+def masked_rows(llm) -> int:
+    """Query tokens the scheduler sent with a mask."""
+    return scheduler(llm).mv.stats["masked_tokens"]
 
 
 def test_compact_mask_expands_to_the_structure_rule(tiny_model_dir):
     """What the scheduler sends (rectangles from each token's recorded hidden
     ranges), expanded by the runner, is the structure rule's dense mask."""
-    from array import array
 
     import numpy as np
     from transformers import AutoConfig
 
-    from vllm_multiverse.engine.attn_mask import allowed_rows, rects_for
-    from vllm_multiverse.engine.scheduler import Track
     from vllm_multiverse.model_config import read_multiverse_config
     from vllm_multiverse.structure import StructureState, analyze
+    from vllm_multiverse.tree import Track
+    from vllm_multiverse.vllm032.runner import allowed_rows
     from vllm_multiverse.training.train import held_out_tasks
 
     tok = tokenizer()
     mv = read_multiverse_config(AutoConfig.from_pretrained(tiny_model_dir)).tokens
     task = next(t for t in held_out_tasks(50) if t.split is not None)
     seq = tok.encode(task.completion(), add_special_tokens=False)
-    track = Track(StructureState(mv), array("q"))
-    for t in seq:
-        track.append(t)
+    track = Track(StructureState(mv), root="r", client="r")
+    track.extend(seq)
     dense = analyze(seq, mv).dense_mask()
     n = len(seq)
     assert (dense != np.tri(n, dtype=bool)).any()  # nested Paths are masked
     for start, end in [(0, n), (0, 64), (100, 164), (n - 1, n), (n // 2, n)]:
-        rows = allowed_rows(rects_for(track.hidden, start, end), start, end).numpy()
+        rows = allowed_rows(track.rects_for(start, end), start, end).numpy()
         assert (rows == dense[start:end, :end]).all()
 
 
 def test_sequential_equals_the_reference_and_uses_the_mask(llm):
     sched = scheduler(llm)
-    forks0, rows0 = sched.mv_stats["forks"], masked_rows()
+    forks0, rows0 = sched.mv.stats["forks"], masked_rows(llm)
     prompts = held_out_prompts(16)[:8]
     for batch in (1, 8):
         for i in range(0, len(prompts), batch):
@@ -80,17 +77,17 @@ def test_sequential_equals_the_reference_and_uses_the_mask(llm):
             outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
             for p, o in zip(chunk, outs):
                 assert list(o.outputs[0].token_ids) == reference_output(tuple(p), MAX_TOKENS)[0]
-    assert sched.mv_stats["forks"] == forks0  # no branch at all
-    assert masked_rows() > rows0
+    assert sched.mv.stats["forks"] == forks0  # no branch at all
+    assert masked_rows(llm) > rows0
 
 
 def test_per_request_parallel_equals_sequential(llm):
     sched = scheduler(llm)
-    forks0 = sched.mv_stats["forks"]
+    forks0 = sched.mv.stats["forks"]
     prompts = held_out_prompts(16)[8:12]
     par = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(extra_args=PARALLEL), use_tqdm=False)
     seq = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
-    assert sched.mv_stats["forks"] > forks0
+    assert sched.mv.stats["forks"] > forks0
     for a, b in zip(par, seq):
         assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
 
@@ -114,12 +111,12 @@ def test_prompt_holding_parallel_blocks_continues_like_the_reference(llm, mode):
     # The first </Parallel> closes the nested block, inside the outer Path.
     prompts = [base + _cut_after(gold, "</Parallel>", 0), base + _cut_after(gold, "</Parallel>", -1)]
     params = greedy(extra_args=PARALLEL if mode == "parallel" else None)
-    rows0 = masked_rows()
+    rows0 = masked_rows(llm)
     for p in prompts:
         out = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0]
         want = reference().generate(p, max_tokens=MAX_TOKENS)
         assert list(out.token_ids) == want.token_ids
-    assert masked_rows() > rows0
+    assert masked_rows(llm) > rows0
 
 
 def test_sequential_logprobs(llm):

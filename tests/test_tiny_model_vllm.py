@@ -53,6 +53,6 @@ def test_vllm_generates_structured_text(plain_llm, tiny_model_dir):
     # Without the plugin nothing masks the Paths or writes headers, but the
     # model still writes its structure: vLLM ran it.
     assert text.startswith("<Think>\nLet's think in parallel.\n<Parallel>\n<Goal>")
-    from vllm_multiverse.engine.scheduler import MultiverseScheduler
+    from vllm_multiverse.vllm032.scheduler import MultiverseScheduler
 
     assert MultiverseScheduler.__name__ not in str(plain_llm.llm_engine.vllm_config.scheduler_config.scheduler_cls)

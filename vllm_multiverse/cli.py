@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
+from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 
 PREFIX = "multiverse_"
 # Set by the engine itself from vLLM's enable_prefix_caching.

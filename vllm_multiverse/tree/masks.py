@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
 Rect = tuple[int, int, int, int]
+Hidden = tuple[tuple[int, int], ...]
 
 
-def rects_for(hidden: Mapping[int, tuple[tuple[int, int], ...]], start: int, end: int) -> list[Rect]:
+def rects_for(hidden: Mapping[int, Hidden], start: int, end: int) -> list[Rect]:
     """The hidden rectangles of queries ``start..end-1``; tokens in a run
     with the same hidden ranges share one rectangle per range."""
     rects: list[Rect] = []
@@ -28,12 +27,3 @@ def rects_for(hidden: Mapping[int, tuple[tuple[int, int], ...]], start: int, end
                 rects.extend((run_start, q, k0, k1) for k0, k1 in run)
             run_start, run = q, cur
     return rects
-
-
-def allowed_rows(rects: list[Rect], start: int, end: int) -> torch.Tensor:
-    """Boolean [end - start, end]: query row r (token start + r) may see key k."""
-    q = torch.arange(start, end).unsqueeze(1)
-    allowed = torch.arange(end).unsqueeze(0) <= q
-    for q0, q1, k0, k1 in rects:
-        allowed[max(q0, start) - start : max(0, min(q1, end) - start), k0:k1] = False
-    return allowed

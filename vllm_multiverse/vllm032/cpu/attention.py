@@ -5,34 +5,29 @@ vLLM 0.32 has no attention backend that takes a custom mask, and its CPU
 platform always picks ``CPU_ATTN``; the plugin points that enum entry at
 this subclass (``register_backend``, vLLM's custom-backend registration).
 Batches with nothing to mask run the stock kernel untouched. Rows the runner
-marked (``attn_metadata.mv_masks``: batch row -> boolean [q_len, seq_len])
-are recomputed after it with SDPA over the request's gathered paged KV: a
-prompt that holds Parallel blocks, a merged request recomputed after
-preemption, and sequential decoding. The KV write ran before ``forward``, so
-the cache already holds this step's keys and values.
+marked (``attn_metadata.multiverse_masks``: batch row -> boolean [q_len,
+seq_len]) are recomputed after it with SDPA over the request's gathered
+paged KV: a prompt that holds Parallel blocks, a merged request recomputed
+after preemption, and sequential decoding. The KV write ran before
+``forward``, so the cache already holds this step's keys and values. What
+the masked path lacks (ALiBi, sinks, soft-capping, sliding windows) is
+refused at start-up.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from vllm_multiverse.engine.kv_layout import gather_kv
+from vllm_multiverse.vllm032.cpu.kv_layout import gather_kv
+
 
 class MultiverseCPUAttentionImpl(CPUAttentionBackendImpl):
-    # Query rows computed with a mask, over the process's lifetime (tests read it).
-    masked_rows = 0
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        rows = getattr(attn_metadata, "mv_masks", None)
+        rows = getattr(attn_metadata, "multiverse_masks", None)
         if not rows:
             return out
-        if self.alibi_slopes is not None or self.sinks is not None or self.logits_soft_cap:
-            raise NotImplementedError("Multiverse masks with ALiBi, sinks or soft-capping")
-        if self.sliding_window not in (None, -1, (-1, -1)):
-            raise NotImplementedError("Multiverse masks with sliding-window attention")
         qsl, seq_lens, table = attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table
         gqa = self.num_kv_heads != self.num_heads
         for r, allowed in rows.items():
@@ -47,7 +42,6 @@ class MultiverseCPUAttentionImpl(CPUAttentionBackendImpl):
                 enable_gqa=gqa,
             )
             output[a:b] = o.transpose(0, 1).reshape(output[a:b].shape)
-            MultiverseCPUAttentionImpl.masked_rows += b - a
         return output
 
 
@@ -57,4 +51,3 @@ class MultiverseCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[MultiverseCPUAttentionImpl]:
         return MultiverseCPUAttentionImpl
-

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
-from vllm_multiverse.engine.config import ADDITIONAL_CONFIG_KEY
+from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY
 
 _PREFIX = "vllm-multiverse/"  # a LoRA adapter name never holds a slash here
 PATHS_PREFIX = "paths_per_fork/"

@@ -1,0 +1,48 @@
+"""What the tree asks of a KV block pool.
+
+Blocks are opaque to the tree: it only counts, keeps and hands back
+references. vLLM's pool implements this in ``vllm032/kv.py``; the unit
+tests implement it with a dictionary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+Block = Any
+
+
+class BlockOps(Protocol):
+    block_size: int
+
+    def share_prefix(self, parent_id: str, child_id: str, num_tokens: int) -> bool:
+        """Give ``child_id`` a table that references the blocks of the
+        parent's first ``num_tokens`` tokens (a partial last block is copied
+        on write); False, with nothing changed, if that does not fit."""
+
+    def detach(self, request_id: str) -> list[Block]:
+        """Take a finishing request's table out of the pool's tables; its
+        references now belong to the caller."""
+
+    def install(self, request_id: str, table: list[Block], num_cached_blocks: int) -> list[Block]:
+        """Make ``table`` (whose references the caller hands over) the
+        request's table, its first ``num_cached_blocks`` already published
+        in the prefix cache; returns the old table, whose references the
+        caller now owns."""
+
+    def allocate(self, n: int) -> list[Block] | None:
+        """``n`` fresh blocks, one reference each, or None if they are not free."""
+
+    def retain(self, blocks: Sequence[Block]) -> None:
+        """One more reference on each block."""
+
+    def release(self, blocks: Sequence[Block]) -> None:
+        """One reference less on each block (the first released goes first)."""
+
+    def num_free(self) -> int: ...
+
+    def block_id(self, block: Block) -> int: ...
+
+    def freeable(self, request_ids: Sequence[str], stashes: Sequence[Sequence[Block]]) -> int:
+        """Blocks that would become free if these tables and stashes went."""

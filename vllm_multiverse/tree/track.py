@@ -1,0 +1,113 @@
+"""One request's Multiverse view: its structure, and per token the position,
+the KV ranges it must not see, and whether the engine wrote it."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vllm_multiverse.structure import Event, EventKind, StructureState
+from vllm_multiverse.tree.masks import Hidden, Rect, rects_for
+
+if TYPE_CHECKING:
+    from vllm_multiverse.tree.fork import Fork
+
+
+class Act(enum.Enum):
+    """What the engine does at a structure event."""
+
+    FORK = "fork"  # start one branch per Path
+    END_PATH = "end_path"  # this branch's Path is done (after its tail's KV)
+    WRITE = "write"  # append the event's engine-written tokens (sequential layer)
+
+
+@dataclass(eq=False)
+class Track:
+    state: StructureState
+    root: str  # the client request at the top of the tree
+    client: str  # the client request it serves (n > 1 siblings share one)
+    order: int = 0  # admission order, for ties between equal arrival times
+    sequential: bool = False  # Paths one after another in this sequence
+    fork: Fork | None = None  # the fork this branch belongs to
+    index: int = 0  # its Path in that fork
+    positions: array = field(default_factory=lambda: array("q"))
+    # Token index -> KV ranges it must not see; only tokens that have any.
+    hidden: dict[int, Hidden] = field(default_factory=dict)
+    written: bytearray = field(default_factory=bytearray)  # 1 where the engine wrote it
+    # The tokens so far end where the engine acts (a </Goal>, or a Path's
+    # tail in sequential text): the next sampled token is not the model's.
+    engine_due: bool = False
+    draining: bool = False  # tail seen: one more step computes its KV
+    # A branch's logprob rows for its output tokens (None where written),
+    # kept for the merge; None when no logprobs were asked for.
+    rows: list | None = None
+    # The runner keeps its own copy of the tokens and knows only the sampled
+    # ones: from this index on, it is sent the written text.
+    fix_from: int | None = None
+
+    def append(self, tok: int, written: bool = False) -> Event | None:
+        ev = self.state.append(tok)
+        hidden = self.state.hidden_ranges()
+        if hidden:
+            self.hidden[len(self.positions)] = tuple(hidden)
+        self.positions.append(self.state.position)
+        self.written.append(written)
+        return ev
+
+    def extend(self, tokens: Iterable[int], written: Iterable[bool] | None = None) -> None:
+        for tok, w in zip(tokens, written if written is not None else itertools.repeat(False)):
+            self.append(tok, w)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def act(self, ev: Event | None) -> Act | None:
+        if ev is None:
+            return None
+        if ev.kind is EventKind.FORK and not self.sequential:
+            return Act.FORK
+        if self.fork is not None and ev.block == self.fork.block_uid:
+            return Act.END_PATH  # NEXT_PATH / CONCLUSION of its own block
+        return Act.WRITE
+
+    def arm(self) -> None:
+        """After a prefill or a recompute: is the engine due to act once the
+        tokens so far have their KV?"""
+        ev = self.state.event
+        self.engine_due = ev is not None and (ev.kind is EventKind.FORK or bool(ev.write))
+        if self.engine_due and self.act(ev) is Act.END_PATH:
+            self.engine_due, self.draining = False, True
+
+    def positions_for(self, start: int, end: int) -> int | list[int] | None:
+        """What the runner needs to give tokens ``start..end-1`` their
+        positions: None (their index), one offset to subtract, or a list."""
+        pos = self.positions[start:end]
+        delta = start - pos[0]
+        if all(p + delta == start + j for j, p in enumerate(pos)):
+            return delta or None
+        return pos.tolist()
+
+    def rects_for(self, start: int, end: int) -> list[Rect]:
+        return rects_for(self.hidden, start, end) if self.hidden else []
+
+    def branch(self, fork: Fork, index: int, header: Iterable[int]) -> Track:
+        """A branch's track: this track's tokens, then the Path's header."""
+        child = Track(
+            self.state.fork(),
+            root=self.root,
+            client=self.client,
+            order=self.order,
+            fork=fork,
+            index=index,
+            positions=array("q", self.positions),
+            hidden=dict(self.hidden),
+            written=bytearray(self.written),
+            rows=[] if fork.keep_rows else None,
+        )
+        for tok in header:
+            child.append(tok, written=True)
+        return child

@@ -1,0 +1,136 @@
+"""What a Multiverse engine refuses at start-up, in the process the user
+started (``vllm serve``, ``LLM``), before any worker exists.
+
+Each refusal names the feature and the way out. The list is what the
+fork/merge engine does not handle exactly; everything else vLLM does is
+either exact (TP, DP, LoRA, chunked prefill, prefix caching, preemption) or
+refused per request (``requests.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+WAY_OUT = "To serve this model without Multiverse decoding, pass --no-multiverse-enabled."
+
+# Model types whose attention uses what the masked path lacks.
+_ALIBI_MODEL_TYPES = {"bloom", "mpt", "jais", "baichuan"}
+_SINK_MODEL_TYPES = {"gpt_oss"}
+
+
+class MultiverseConfigError(ValueError):
+    """A vLLM setting Multiverse decoding cannot serve exactly."""
+
+    def __init__(self, feature: str, detail: str) -> None:
+        self.feature = feature
+        super().__init__(f"Multiverse decoding does not support {feature}: {detail} {WAY_OUT}")
+
+
+def refuse(feature: str, detail: str) -> None:
+    raise MultiverseConfigError(feature, detail)
+
+
+def validate(vllm_config, engine_args=None) -> None:
+    """Raise :class:`MultiverseConfigError` for the first setting the engine
+    does not handle; ``engine_args`` tells what the user asked for."""
+    _check_engine(vllm_config, engine_args)
+    _check_model(vllm_config.model_config)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        _check_cpu(vllm_config)
+    else:
+        refuse(
+            f"the {current_platform.device_name} platform",
+            "the plugin's model runner and attention hooks are built for vLLM's CPU build so far.",
+        )
+
+
+def _check_engine(vllm_config, engine_args) -> None:
+    if vllm_config.speculative_config is not None:
+        refuse("speculative decoding", "a fork is decided on every sampled token, one token per step.")
+    if vllm_config.kv_transfer_config is not None:
+        refuse(
+            "KV connectors (disaggregated prefill, KV offloading)",
+            "branch and merged KV would be saved or loaded as ordinary requests' KV.",
+        )
+    if getattr(vllm_config, "ec_transfer_config", None) is not None:
+        refuse("encoder-cache connectors", "Multiverse decoding serves text-only models.")
+    if getattr(vllm_config, "watermark_config", None) is not None:
+        refuse("watermarking", "a watermark depends on the tokens before it, which differ between Paths.")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        refuse(
+            "pipeline parallelism",
+            "forks and merges need each step's output before the next step is scheduled.",
+        )
+    if vllm_config.model_config.logits_processors:
+        refuse(
+            "custom logits processors (--logits-processors)",
+            "they read each request's earlier output tokens, which differ between a Path and "
+            "sequential decoding.",
+        )
+    if engine_args is not None and getattr(engine_args, "async_scheduling", None):
+        refuse("async scheduling (--async-scheduling)", "a fork is decided on the tokens of the step just run.")
+    cache = vllm_config.cache_config
+    if not cache.enable_prefix_caching and engine_args is not None and engine_args.enable_prefix_caching is not False:
+        refuse(
+            "a model for which vLLM turns prefix caching off",
+            "branches share their parent's KV blocks through vLLM's prefix-cache machinery.",
+        )
+    if cache.cache_dtype != "auto":
+        refuse(f"--kv-cache-dtype {cache.cache_dtype}", "the merge copies KV entries in the model's dtype only.")
+
+
+def _check_model(model_config) -> None:
+    if model_config.runner_type != "generate":
+        refuse(f"--runner {model_config.runner_type}", "Multiverse decoding is for text generation.")
+    if model_config.enable_prompt_embeds:
+        refuse("prompt embeddings (--enable-prompt-embeds)", "the structure rule reads the prompt's token ids.")
+    if model_config.is_multimodal_model:
+        refuse("multimodal models", "Multiverse decoding serves text-only models.")
+    if model_config.uses_mrope:
+        refuse("M-RoPE", "Multiverse positions are one position per token.")
+    if model_config.is_encoder_decoder:
+        refuse("encoder-decoder models", "Multiverse decoding serves decoder-only models.")
+    if model_config.is_hybrid or model_config.is_attention_free:
+        refuse("hybrid or attention-free models", "the merge splices one full-attention KV cache group.")
+    if model_config.use_mla:
+        refuse("MLA attention", "the merge's KV copy knows the standard per-head K/V layout only.")
+    hf = model_config.hf_text_config
+    types = set(getattr(hf, "layer_types", None) or ())
+    if model_config.get_sliding_window() is not None or types - {"full_attention"}:
+        refuse(
+            "sliding-window or mixed attention layers",
+            "the merge splices one full-attention KV cache group.",
+        )
+    if getattr(hf, "attn_logit_softcapping", None):
+        refuse("attention logit soft-capping", "the masked attention path has no soft-capping.")
+    attn_config = getattr(hf, "attn_config", None)
+    alibi = getattr(hf, "alibi", False) or getattr(hf, "position_embedding_type", None) == "alibi"
+    if isinstance(attn_config, dict):
+        alibi = alibi or attn_config.get("alibi", False)
+    if alibi or hf.model_type in _ALIBI_MODEL_TYPES:
+        refuse("ALiBi attention", "Multiverse positions are rotary positions.")
+    if hf.model_type in _SINK_MODEL_TYPES:
+        refuse("attention sinks", "the masked attention path has no sinks.")
+
+
+def _check_cpu(vllm_config) -> None:
+    model_config = vllm_config.model_config
+    cache = vllm_config.cache_config
+    if vllm_config.use_v2_model_runner:
+        refuse("Model Runner V2 on CPU", "the runner hooks are written for the V1 runner; unset VLLM_USE_V2_MODEL_RUNNER.")
+    dtype = model_config.dtype
+    if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        refuse("bfloat16 on this CPU", "it has no bf16 support (vLLM's CPU worker dies on it); pass --dtype float32.")
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    # The CPU attention packs each block by instruction set; the merge's copy
+    # and the masked path know vLLM's "vec" packing of float32 KV.
+    isa = _get_attn_isa(dtype, cache.block_size, model_config.get_head_size(), cache.cache_dtype)
+    if isa != "vec" or dtype != torch.float32:
+        refuse(
+            f"the CPU KV cache layout {isa!r} in {str(dtype).removeprefix('torch.')}",
+            "the merge's KV copy knows vLLM's 'vec' layout of float32 KV (head size a multiple of 32, "
+            "block size a multiple of 32, x86); pass --dtype float32.",
+        )

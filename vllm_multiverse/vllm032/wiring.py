@@ -1,0 +1,117 @@
+"""Which engines run Multiverse decoding, and the vLLM settings that means.
+
+:func:`install` runs in every process vLLM starts (the general plugin's
+``register``): it wraps ``EngineArgs.create_engine_config`` so that an
+engine for a Multiverse model gets the Multiverse scheduler and worker
+after :mod:`.validate` has refused what it cannot serve, adds the
+``--multiverse-*`` options, the per-request refusals and, on CPU, the
+masked attention backend. Every other engine is left exactly as vLLM builds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
+from vllm_multiverse.log import init_logger
+from vllm_multiverse.model_config import read_multiverse_config
+from vllm_multiverse.vllm032 import check_vllm_version
+from vllm_multiverse.vllm032.validate import refuse, validate
+
+logger = init_logger(__name__)
+
+SCHEDULER_CLS = "vllm_multiverse.vllm032.scheduler.MultiverseScheduler"
+CPU_WORKER_CLS = "vllm_multiverse.vllm032.cpu.worker.MultiverseCPUWorker"
+CPU_ATTENTION_BACKEND = "vllm_multiverse.vllm032.cpu.attention.MultiverseCPUAttentionBackend"
+_STOCK_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+
+
+def configure_engine(vllm_config, engine_args=None) -> bool:
+    """Turn Multiverse decoding on for this engine if it should be; True if
+    on. ``engine_args``: what the user asked for, where known."""
+    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    cfg = MultiverseConfig.from_dict(raw)
+    info = read_multiverse_config(vllm_config.model_config.hf_config)
+    enabled = cfg.enabled if cfg.enabled is not None else info is not None
+    if not enabled:
+        return False
+    model = vllm_config.model_config.model
+    if info is None:
+        raise ValueError(
+            f"Multiverse decoding was asked for, but {model} does not declare itself a "
+            "Multiverse model (config.json['multiverse'])"
+        )
+    check_vllm_version()
+    validate(vllm_config, engine_args)
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls not in (None, SCHEDULER_CLS):
+        refuse(f"--scheduler-cls {sched.scheduler_cls}", "Multiverse decoding needs its own scheduler.")
+    par = vllm_config.parallel_config
+    if par.worker_cls not in ("auto", _STOCK_CPU_WORKER, CPU_WORKER_CLS):
+        refuse(f"--worker-cls {par.worker_cls}", "Multiverse decoding needs its own worker.")
+    sched.scheduler_cls = SCHEDULER_CLS
+    par.worker_cls = CPU_WORKER_CLS
+    if sched.async_scheduling:
+        sched.async_scheduling = False
+        logger.info("Multiverse: async scheduling off (a fork is decided on the tokens of the step just run)")
+    if not vllm_config.cache_config.enable_prefix_caching:
+        # Branches share their parent's blocks through the prefix-cache
+        # machinery; what the user turned off is reading the cache.
+        cfg = replace(cfg, prefix_caching=False)
+        vllm_config.cache_config.enable_prefix_caching = True
+        logger.info(
+            "Multiverse: --no-enable-prefix-caching means that no request reads the prefix cache; "
+            "vLLM's prefix-cache machinery stays on (branches share their parent's KV blocks through it)"
+        )
+    # enabled=True marks the engine as on for the API server's stat logger
+    # and the per-request checks.
+    cfg = replace(cfg, enabled=True)
+    vllm_config.additional_config = {**(vllm_config.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg.to_dict()}
+    logger.info("Multiverse decoding on for %s (%s)", model, cfg)
+    return True
+
+
+def install() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_multiverse.vllm032 import requests
+
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        configure_engine(config, self)
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
+    _add_cli_options(EngineArgs)
+    requests.install()
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # Before any model is built in this process; without masks it is
+        # vLLM's own CPU attention.
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_ATTENTION_BACKEND)
+
+
+def _add_cli_options(EngineArgs) -> None:
+    """``--plugin multiverse`` and ``--multiverse-*`` on vLLM's parsers."""
+    from vllm_multiverse import cli
+
+    add_cli_args = EngineArgs.add_cli_args
+    from_cli_args = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args_with_multiverse(parser, *args, **kwargs):
+        return cli.add_cli_args(add_cli_args(parser, *args, **kwargs))
+
+    def from_cli_args_with_multiverse(cls, args):
+        engine_args = from_cli_args(cls, args)
+        options = cli.options_from_args(args)
+        if options:
+            engine_args.additional_config = cli.merge_into(engine_args.additional_config, options)
+        return engine_args
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_multiverse)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_with_multiverse)
