@@ -48,7 +48,7 @@ def scheduler(llm):
 def greedy(max_tokens=MAX_TOKENS, **kw):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False, **kw)
+    return SamplingParams(**({"temperature": 0.0, "max_tokens": max_tokens, "skip_special_tokens": False} | kw))
 
 
 def step_until(llm, predicate, limit=3000):

@@ -58,6 +58,16 @@ def _free_blocks(llm):
     return scheduler(llm).kv_cache_manager.block_pool.get_num_free_blocks()
 
 
+def assert_idle(llm, free0):
+    """Nothing left anywhere: vLLM's requests, every structure the plugin
+    keeps per request, and the KV blocks."""
+    sched = scheduler(llm)
+    assert not sched.requests and not sched.running and not sched.waiting and not sched.kv_holding_waiting
+    assert sched.mv.leftovers() == {}
+    assert not sched._to_fork and not sched._extra_outputs and not sched._written
+    assert _free_blocks(llm) == free0
+
+
 def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
     sched = scheduler(llm)
     prompt = held_out_prompts(16)[0]
@@ -114,8 +124,7 @@ def test_abort_parent_aborts_branches_and_frees_blocks(llm):
         llm.llm_engine.step()
     assert not llm.llm_engine.has_unfinished_requests()
     assert parent_id not in sched.requests and not any(b in sched.requests for b in branch_ids)
-    assert not sched.mv.forks and not sched.mv.tracks
-    assert _free_blocks(llm) == free0
+    assert_idle(llm, free0)
 
 
 def _structured_prompt(goal_body: str) -> list[int]:
@@ -196,8 +205,7 @@ def test_no_block_leaks_after_many_requests_with_aborts(llm, rounds):
         while engine.has_unfinished_requests():
             engine.step()
     assert n == 40 * rounds
-    assert not sched.mv.forks and not sched.mv.tracks and not sched.requests
-    assert _free_blocks(llm) == free0
+    assert_idle(llm, free0)
 
 
 @pytest.mark.slow
@@ -267,3 +275,213 @@ def test_logprobs_come_for_every_token_in_text_order(llm):
                 assert len(got) >= 2 and got[tok].rank == 1
                 assert got[tok].logprob == pytest.approx(ref_lp, abs=1e-3)
         assert out.cumulative_logprob == pytest.approx(sum(lp for lp in want.logprobs if lp is not None), abs=0.05)
+
+
+# -- per request: what cannot be served exactly is refused, never hangs -----
+
+
+@pytest.mark.parametrize(
+    "kw,named",
+    [
+        (dict(repetition_penalty=1.2), "repetition_penalty"),
+        (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(frequency_penalty=0.5), "frequency_penalty"),
+        (dict(min_tokens=5), "min_tokens"),
+        (dict(bad_words=["x"]), "bad_words"),
+        ("regex", "structured outputs"),
+    ],
+)
+def test_history_dependent_sampling_is_refused(llm, kw, named):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if kw == "regex":
+        kw = dict(structured_outputs=StructuredOutputsParams(regex="[\\s\\S]*"))
+    with pytest.raises(VLLMValidationError, match=named) as err:  # a 400 in the server
+        llm.generate([{"prompt_token_ids": held_out_prompts(16)[0]}], greedy(**kw), use_tqdm=False)
+    assert "--no-multiverse-enabled" in str(err.value)
+    assert not scheduler(llm).requests  # nothing reached the engine
+    ok = llm.generate([{"prompt_token_ids": held_out_prompts(16)[0]}], greedy(max_tokens=8), use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 8
+
+
+# -- interleavings -------------------------------------------------------------
+
+
+def _step_until_merged(llm, name):
+    """Step until the request added as ``name`` has merge copies queued (a
+    merge that goes on), and return its engine id."""
+    sched = scheduler(llm)
+    step_until(llm, lambda: any(r.startswith(name) and r in sched.mv.copies for r in sched.requests))
+    return next(r for r in sched.requests if r.startswith(name) and r in sched.mv.copies)
+
+
+def test_an_abort_between_a_merge_and_its_copies_corrupts_nothing(llm):
+    """The copies of a merge are sent with the next step. If the merged
+    request is aborted before it, its blocks go back to the pool, which
+    hands them out again in that very step (LIFO): no copy may write them."""
+    sched = scheduler(llm)
+    free0 = _free_blocks(llm)
+    engine = llm.llm_engine
+    prompts = held_out_prompts(16)
+    engine.add_request("merged", {"prompt_token_ids": prompts[5]}, greedy())
+    engine.add_request("other", {"prompt_token_ids": prompts[6]}, greedy())
+    rid = _step_until_merged(llm, "merged")
+    engine.abort_request(["merged"])
+    engine.add_request("new", {"prompt_token_ids": prompts[7]}, greedy())  # allocates in the next step
+    B = sched.block_size
+    original = sched.schedule
+    sent = []
+
+    def checking_schedule(*args, **kwargs):
+        merged = {r for r in sched.requests if r in sched.mv.copies}
+        out = original(*args, **kwargs)
+        owners: dict[int, set[str]] = {}
+        for r in sched.requests:
+            for b in sched.kv.table(r):
+                owners.setdefault(b.block_id, set()).add(r)
+        for _, dst in out.multiverse.kv_copies:
+            assert owners.get(dst // B, set()) <= merged, "a merge copy writes another request's block"
+        sent.append(len(out.multiverse.kv_copies))
+        return out
+
+    sched.schedule = checking_schedule
+    try:
+        outs = step_until(llm, lambda: not engine.has_unfinished_requests())
+    finally:
+        del sched.schedule
+    assert sum(sent) > 0  # "other" merged too, its copies checked
+    for name, p in (("other", prompts[6]), ("new", prompts[7])):
+        out = next(o for o in outs if o.request_id == name and o.finished)
+        assert list(out.outputs[0].token_ids) == reference_output(tuple(p), MAX_TOKENS)[0]
+    assert_idle(llm, free0)
+
+
+def test_abort_of_everything_frees_every_fork_stash_and_copy(llm):
+    """vLLM's pause_scheduler("abort") (and its fault recovery) finish every
+    request at once: forks in flight, stashed Paths, queued copies."""
+    sched = scheduler(llm)
+    free0 = _free_blocks(llm)
+    engine = llm.llm_engine
+    prompts = held_out_prompts(16)
+    for i in range(12):
+        engine.add_request(f"all-{i}", {"prompt_token_ids": prompts[i]}, greedy())
+    # A merge's copies queued while other forks hold finished Paths.
+    step_until(llm, lambda: sched.mv.copies and any(f.results for f in sched.mv.forks.values()))
+    core = engine.engine_core.engine_core
+    core.pause_scheduler(mode="abort", clear_cache=True)  # resets the prefix cache: fails if a block is held
+    engine.abort_request([f"all-{i}" for i in range(12)])  # the frontend's view of them
+    assert_idle(llm, free0)
+    core.resume_scheduler()
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], greedy(), use_tqdm=False)[0].outputs[0]
+    assert list(out.token_ids) == reference_output(tuple(prompts[0]), MAX_TOKENS)[0]
+
+
+def test_request_counts_count_client_requests(llm):
+    """vLLM's running/waiting counts (metrics, idle checks) count client
+    requests: a parent parked at its fork is running, its branches are not
+    requests of their own."""
+    sched = scheduler(llm)
+    engine = llm.llm_engine
+    engine.add_request("count", {"prompt_token_ids": held_out_prompts(16)[8]}, greedy())
+    step_until(llm, lambda: len(sched.running) >= 2)  # the branches, decoding
+    assert sched.get_request_counts() == (1, 0)
+    assert sched.get_num_unfinished_requests() == 1
+    stats = sched.make_stats()
+    assert stats is None or (stats.num_running_reqs, stats.num_waiting_reqs) == (1, 0)
+    step_until(llm, lambda: not engine.has_unfinished_requests())
+    assert sched.get_request_counts() == (0, 0) and sched.get_num_unfinished_requests() == 0
+
+
+def test_n_parents_forking_at_once_stay_exact(llm):
+    from vllm import SamplingParams
+
+    p = held_out_prompts(16)[9]
+    ref, _ = reference_output(tuple(p), MAX_TOKENS)
+    # vLLM refuses n > 1 at temperature 0; top_k=1 samples the argmax.
+    greedy_n = llm.generate([{"prompt_token_ids": p}], greedy(n=3, temperature=1.0, top_k=1), use_tqdm=False)[0]
+    assert [list(c.token_ids) for c in greedy_n.outputs] == [ref] * 3
+
+    def sampled(n, seed):
+        sp = SamplingParams(n=n, temperature=1.5, seed=seed, max_tokens=500, skip_special_tokens=False)
+        return [list(c.token_ids) for c in llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0].outputs]
+
+    # vLLM gives child i the seed + i: each child is that seed's request alone.
+    children = sampled(3, 11)
+    assert children == [sampled(1, 11 + i)[0] for i in range(3)]
+    assert len({tuple(c) for c in children}) > 1
+
+
+def test_caps_hold_per_client_request(llm):
+    """n > 1 children are one client request: together they run at most
+    max_branches_per_request branches beside their siblings."""
+    from dataclasses import replace
+
+    from engine_harness import tokenizer
+
+    sched = scheduler(llm)
+    tok = tokenizer()
+    path_id, end_id = tok.convert_tokens_to_ids("<Path>"), tok.convert_tokens_to_ids("</Parallel>")
+
+    def first_block_paths(p):
+        ref, _ = reference_output(tuple(p), MAX_TOKENS)
+        return ref[: ref.index(end_id)].count(path_id) if end_id in ref else 0
+
+    p = next(p for p in held_out_prompts(40) if first_block_paths(p) >= 3)
+    cap = first_block_paths(p) + 1  # one child's fork fits, two do not
+    peak = []
+    original_config, original_schedule = sched.mv.config, sched.schedule
+
+    def recording_schedule(*args, **kwargs):
+        live: dict[str, int] = {}
+        for f in sched.mv.forks.values():
+            if f.concurrency > 1:
+                client = f.root.split("_", 1)[1]  # vLLM names child i "{i}_{request id}"
+                live[client] = live.get(client, 0) + len(f.running) + len(f.pending)
+        peak.append(max(live.values(), default=0))
+        return original_schedule(*args, **kwargs)
+
+    sched.mv.config = replace(original_config, max_branches_per_request=cap)
+    sched.schedule = recording_schedule
+    fallbacks0 = sched.mv.stats["fallbacks"]
+    try:
+        out = llm.generate([{"prompt_token_ids": p}], greedy(n=3, temperature=1.0, top_k=1), use_tqdm=False)[0]
+    finally:
+        sched.mv.config = original_config
+        del sched.schedule
+    assert max(peak) <= cap and sched.mv.stats["fallbacks"] > fallbacks0
+    ref, _ = reference_output(tuple(p), MAX_TOKENS)
+    assert [list(c.token_ids) for c in out.outputs] == [ref] * 3
+
+
+# -- prefix caching after a merge --------------------------------------------
+
+
+def test_a_second_turn_reads_the_merged_answer_from_the_prefix_cache(llm):
+    """Merged KV is the masked computation of the merged tokens, so it is
+    published under their hashes: the next chat turn, whose prompt holds the
+    first answer with its structure, reads it from the cache (Conclusion
+    and later text included) and continues as a cold engine does."""
+    from engine_harness import tokenizer
+
+    tok = tokenizer()
+    first = held_out_prompts(16)[10]
+    answer, _ = reference_output(tuple(first), MAX_TOKENS)
+    out1 = llm.generate([{"prompt_token_ids": first}], greedy(), use_tqdm=False)[0].outputs[0]
+    assert list(out1.token_ids) == answer
+    # The chat template's turn boundary, then a second question.
+    tail = tok.apply_chat_template(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+        add_generation_prompt=True, tokenize=True,
+    )
+    head = tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                   tokenize=True)
+    second = first + answer + tail[len(head) - 1 :]
+    warm = llm.generate([{"prompt_token_ids": second}], greedy(max_tokens=200), use_tqdm=False)[0]
+    B = scheduler(llm).block_size
+    assert warm.num_cached_tokens >= (len(first) + len(answer)) // B * B - B
+    llm.reset_prefix_cache()
+    cold = llm.generate([{"prompt_token_ids": second}], greedy(max_tokens=200), use_tqdm=False)[0]
+    assert cold.num_cached_tokens == 0
+    assert list(warm.outputs[0].token_ids) == list(cold.outputs[0].token_ids)
+    assert list(warm.outputs[0].token_ids) == reference_output(tuple(second), 200)[0]

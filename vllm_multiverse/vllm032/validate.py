@@ -123,14 +123,19 @@ def _check_cpu(vllm_config) -> None:
     dtype = model_config.dtype
     if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         refuse("bfloat16 on this CPU", "it has no bf16 support (vLLM's CPU worker dies on it); pass --dtype float32.")
+    if dtype != torch.float32:
+        refuse(
+            f"{str(dtype).removeprefix('torch.')} on CPU",
+            "the merge's KV copy and the masked path know vLLM's CPU KV layout of float32; pass --dtype float32.",
+        )
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    # The CPU attention packs each block by instruction set; the merge's copy
-    # and the masked path know vLLM's "vec" packing of float32 KV.
+    # The CPU attention packs each block by instruction set (vLLM's own
+    # choice, made the same way here); the merge's copy knows "vec".
     isa = _get_attn_isa(dtype, cache.block_size, model_config.get_head_size(), cache.cache_dtype)
-    if isa != "vec" or dtype != torch.float32:
+    if isa != "vec":
         refuse(
-            f"the CPU KV cache layout {isa!r} in {str(dtype).removeprefix('torch.')}",
-            "the merge's KV copy knows vLLM's 'vec' layout of float32 KV (head size a multiple of 32, "
-            "block size a multiple of 32, x86); pass --dtype float32.",
+            f"the CPU KV cache layout {isa!r}",
+            f"the merge's KV copy knows vLLM's 'vec' layout (x86, head size and block size multiples of 32; "
+            f"here head size {model_config.get_head_size()}, block size {cache.block_size}).",
         )

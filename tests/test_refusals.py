@@ -1,0 +1,114 @@
+"""What a Multiverse engine cannot serve exactly is refused at start-up, in
+the process the user started, with the feature named and the way out
+(``--no-multiverse-enabled``): real vLLM engine configs of the tiny model,
+``LLM(...)`` and ``vllm serve``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import LLM_DEFAULTS, TINY_MODEL
+
+BASE = dict(model=str(TINY_MODEL), dtype="float32", enforce_eager=True, max_model_len=2048,
+            kv_cache_memory_bytes=512 * 2**20)
+ROPE = {"rope_theta": 10000.0, "rope_type": "default"}
+
+# (what the user asks for, the feature the refusal names)
+REFUSED = {
+    "speculative decoding": (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                      "prompt_lookup_max": 3}), "speculative decoding"),
+    "prompt embeddings": (dict(enable_prompt_embeds=True), "prompt embeddings"),
+    "M-RoPE": (dict(hf_overrides={"rope_parameters": {**ROPE, "mrope_section": [8, 12, 12]}}), "M-RoPE"),
+    "KV connector": (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+                     "KV connectors"),
+    "KV offloading": (dict(kv_offloading_size=1.0), "KV offloading"),
+    "sliding window": (dict(hf_overrides={"sliding_window": 64, "use_sliding_window": True}), "sliding-window"),
+    "mixed layers": (dict(hf_overrides={"layer_types": ["sliding_attention", "full_attention"] * 2,
+                                        "sliding_window": 64}), "sliding-window"),
+    "soft-capping": (dict(hf_overrides={"attn_logit_softcapping": 30.0}), "soft-capping"),
+    "ALiBi": (dict(hf_overrides={"alibi": True}), "ALiBi"),
+    "attention sinks": (dict(hf_overrides={"model_type": "gpt_oss"}), "attention sinks"),
+    "pipeline parallelism": (dict(pipeline_parallel_size=2), "pipeline parallelism"),
+    "async scheduling": (dict(async_scheduling=True), "async scheduling"),
+    "logits processors": (dict(logits_processors=["vllm.v1.sample.logits_processor.builtin:MinTokensLogitsProcessor"]),
+                          "logits processors"),
+    "pooling": (dict(runner="pooling"), "--runner pooling"),
+    "another scheduler": (dict(scheduler_cls="vllm.v1.core.sched.async_scheduler.AsyncScheduler"), "--scheduler-cls"),
+    "fp8 KV": (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8"),
+    "bf16 on CPU": (dict(dtype="bfloat16"), "bfloat16"),
+    "fp16 on CPU": (dict(dtype="float16"), "float16 on CPU"),
+    "head size not a multiple of 32": (dict(hf_overrides={"head_dim": 48}), "layout 'vec16'"),
+    "kernel block size": (dict(block_size=16), "layout 'vec16'"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin():
+    from vllm_multiverse.plugin import register
+
+    register()
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_start_up_refuses(case):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_multiverse.vllm032.validate import MultiverseConfigError
+
+    kwargs, feature = REFUSED[case]
+    t0 = time.monotonic()
+    with pytest.raises(MultiverseConfigError) as err:
+        EngineArgs(**(BASE | kwargs)).create_engine_config()
+    assert time.monotonic() - t0 < 30
+    msg = str(err.value)
+    assert feature in msg and "--no-multiverse-enabled" in msg
+    if "16" in case and "CPU" in case:
+        assert "--dtype float32" in msg
+
+
+@pytest.mark.parametrize("case", ["prompt embeddings", "fp16 on CPU", "sliding window"])
+def test_no_multiverse_enabled_is_the_way_out(case):
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs, _ = REFUSED[case]
+    cfg = EngineArgs(**(BASE | kwargs | {"additional_config": {"multiverse": {"enabled": False}}})).create_engine_config()
+    assert "multiverse" not in str(cfg.scheduler_config.scheduler_cls).lower()
+
+
+def test_the_settings_the_plugin_changes_are_logged(caplog):
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    with caplog.at_level(logging.INFO, logger="vllm"):
+        cfg = EngineArgs(**(BASE | {"enable_prefix_caching": False})).create_engine_config()
+    assert cfg.cache_config.enable_prefix_caching  # the machinery stays on ...
+    assert cfg.additional_config["multiverse"]["prefix_caching"] is False  # ... no request reads it
+    assert "no request reads the prefix cache" in caplog.text
+
+
+def test_llm_refuses_before_any_engine_process_starts():
+    from vllm import LLM
+
+    from vllm_multiverse.vllm032.validate import MultiverseConfigError
+
+    t0 = time.monotonic()
+    with pytest.raises(MultiverseConfigError, match="--dtype float32"):
+        LLM(model=str(TINY_MODEL), **(LLM_DEFAULTS | {"dtype": "bfloat16"}))
+    assert time.monotonic() - t0 < 30
+
+
+def test_vllm_serve_exits_with_the_reason():
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    t0 = time.monotonic()
+    res = subprocess.run([vllm, "serve", str(TINY_MODEL), "--plugin", "multiverse", "--dtype", "bfloat16",
+                          "--port", "8931"], env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode != 0
+    assert "does not support bfloat16" in res.stderr + res.stdout and "--dtype float32" in res.stderr + res.stdout
+    assert time.monotonic() - t0 < 120
