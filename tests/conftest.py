@@ -40,3 +40,21 @@ def environ(name: str, value: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
+
+
+@contextlib.contextmanager
+def in_process_llm(model_dir, **overrides):
+    """A ``vllm.LLM`` on the tiny-model defaults, its engine core in this
+    process so that tests can look at the scheduler (one per test module:
+    an engine takes 20-30 s to start here)."""
+    from vllm import LLM
+
+    from vllm_multiverse.plugin import register
+
+    register()  # vLLM may have loaded plugins in this process under another allow-list
+    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        llm = LLM(model=str(model_dir), **(LLM_DEFAULTS | overrides))
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()

@@ -13,7 +13,7 @@ request's KV holds exactly its own tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from toy_vocab import TOKENS
 

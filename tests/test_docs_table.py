@@ -2,10 +2,9 @@
 
 from pathlib import Path
 
-from toy_vocab import VOCAB
+from toy_vocab import TOKENS, VOCAB
 
 from vllm_multiverse.structure import StructureConfig, analyze
-from toy_vocab import TOKENS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "structure.md"
 

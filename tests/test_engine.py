@@ -3,22 +3,14 @@ to the sequential reference, sharing prefix blocks, merging without recompute.""
 
 import pytest
 
-from conftest import LLM_DEFAULTS, environ
+from conftest import in_process_llm
 from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference_output, scheduler, step_until
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    from vllm import LLM
-
-    from vllm_multiverse.plugin import register
-
-    register()  # vLLM may have loaded plugins in this process under another allow-list
-    # The engine core in this process, so that tests can look at the scheduler.
-    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        llm = LLM(model=str(tiny_model_dir), **LLM_DEFAULTS)
+    with in_process_llm(tiny_model_dir) as llm:
         yield llm
-        llm.llm_engine.engine_core.shutdown()
 
 
 
@@ -186,7 +178,6 @@ def test_max_tokens_inside_a_nested_block(llm):
 
 @pytest.mark.parametrize("rounds", [5, pytest.param(25, marks=pytest.mark.slow)])
 def test_no_block_leaks_after_many_requests_with_aborts(llm, rounds):
-    sched = scheduler(llm)
     free0 = _free_blocks(llm)
     engine = llm.llm_engine
     prompts = held_out_prompts(40)
@@ -328,6 +319,7 @@ def test_an_abort_between_a_merge_and_its_copies_corrupts_nothing(llm):
     engine.add_request("other", {"prompt_token_ids": prompts[6]}, greedy())
     rid = _step_until_merged(llm, "merged")
     engine.abort_request(["merged"])
+    assert rid not in sched.mv.copies  # its copies go with it
     engine.add_request("new", {"prompt_token_ids": prompts[7]}, greedy())  # allocates in the next step
     B = sched.block_size
     original = sched.schedule

@@ -4,7 +4,7 @@ merged outputs carry what vLLM's latency metrics need."""
 
 import pytest
 
-from conftest import LLM_DEFAULTS, environ
+from conftest import in_process_llm
 from engine_harness import greedy, held_out_prompts, reference, scheduler, step_until, tokenizer
 
 MAX_MODEL_LEN = 640
@@ -12,18 +12,8 @@ MAX_MODEL_LEN = 640
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    from vllm import LLM
-
-    from vllm_multiverse.plugin import register
-
-    register()
-    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        llm = LLM(
-            model=str(tiny_model_dir),
-            **(LLM_DEFAULTS | {"max_model_len": MAX_MODEL_LEN, "disable_log_stats": False}),
-        )
+    with in_process_llm(tiny_model_dir, max_model_len=MAX_MODEL_LEN, disable_log_stats=False) as llm:
         yield llm
-        llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.mark.parametrize("sequential", [False, True])

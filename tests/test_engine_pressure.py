@@ -6,7 +6,7 @@ import pytest
 
 from vllm_multiverse.training.train import chat_prompt
 
-from conftest import LLM_DEFAULTS, environ
+from conftest import in_process_llm
 from engine_harness import greedy, held_out_prompts, reference_output, scheduler, step_until, tokenizer
 
 # 23 blocks of 128 tokens: one 2,048-token request fits, a batch of forks does not.
@@ -15,18 +15,8 @@ KV_BYTES = 12 * 2**20
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    from vllm import LLM
-
-    from vllm_multiverse.plugin import register
-
-    register()
-    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        llm = LLM(
-            model=str(tiny_model_dir),
-            **(LLM_DEFAULTS | {"kv_cache_memory_bytes": KV_BYTES, "enable_prefix_caching": False}),
-        )
+    with in_process_llm(tiny_model_dir, kv_cache_memory_bytes=KV_BYTES, enable_prefix_caching=False) as llm:
         yield llm
-        llm.llm_engine.engine_core.shutdown()
 
 
 def _idle(llm) -> bool:
@@ -111,3 +101,31 @@ def test_sequential_with_prefix_caching_off(llm):
     for p, o in zip(prompts, outs):
         assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
         assert o.num_cached_tokens == 0
+
+
+def test_pause_wait_drains_in_flight_trees_and_resume_finishes_the_held_ones(llm):
+    """vLLM's pause_scheduler("wait") steps until nothing is in flight
+    (PAUSED_NEW admits only requests holding KV). Trees preempted for memory
+    and held are queued work, like vLLM's own preempted requests: the pause
+    completes without them, and they finish after the resume."""
+    from vllm.v1.core.sched.interface import PauseState
+
+    sched = scheduler(llm)
+    engine = llm.llm_engine
+    prompts = held_out_prompts(24)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"wait-{i}", {"prompt_token_ids": p}, greedy())
+    outs = step_until(llm, lambda: sched.mv.held and sched.mv.forks)
+    sched.set_pause_state(PauseState.PAUSED_NEW)
+    try:
+        # What EngineCoreProc's "wait" pause waits for: no work left to step.
+        outs += step_until(llm, lambda: not sched.has_requests(), limit=20_000)
+        assert sched.mv.held or sched.waiting  # queued work stays queued
+        assert not sched.mv.forks and not sched.running
+    finally:
+        sched.set_pause_state(PauseState.UNPAUSED)
+    outs += step_until(llm, lambda: not engine.has_unfinished_requests(), limit=20_000)
+    done = {o.request_id: o for o in outs if o.finished}
+    for i, p in enumerate(prompts):
+        assert list(done[f"wait-{i}"].outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
+    assert _idle(llm)

@@ -6,7 +6,7 @@ engines (prefix caching on, then off) run sequential decoding by default
 
 import pytest
 
-from conftest import LLM_DEFAULTS, environ
+from conftest import in_process_llm
 from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference, reference_output, scheduler, tokenizer
 
 PARALLEL = {"multiverse_sequential": False}
@@ -14,25 +14,13 @@ PARALLEL = {"multiverse_sequential": False}
 
 @pytest.fixture(scope="module", params=[True, False], ids=["prefix-caching-on", "prefix-caching-off"])
 def llm(tiny_model_dir, request):
-    from vllm import LLM
-
-    from vllm_multiverse.plugin import register
-
-    register()
-    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        llm = LLM(
-            model=str(tiny_model_dir),
-            **(
-                LLM_DEFAULTS
-                | {
-                    "max_num_batched_tokens": 64,
-                    "enable_prefix_caching": request.param,
-                    "additional_config": {"multiverse": {"sequential": True}},
-                }
-            ),
-        )
+    with in_process_llm(
+        tiny_model_dir,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=request.param,
+        additional_config={"multiverse": {"sequential": True}},
+    ) as llm:
         yield llm
-        llm.llm_engine.engine_core.shutdown()
 
 
 def masked_rows(llm) -> int:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from conftest import LLM_DEFAULTS, TINY_MODEL, environ
+from conftest import TINY_MODEL, environ, in_process_llm
 from engine_harness import tokenizer
 
 MAX_TOKENS = 1500
@@ -20,7 +20,9 @@ def server(tiny_model_dir, tmp_path_factory):
 
     log = tmp_path_factory.mktemp("serve") / "server.log"
     try:
-        proc, base = start_server(log, ("--seed", "0", "--multiverse-max-paths-per-fork", "16"), progress=False)
+        # Dev mode: the /pause and /resume endpoints RL trainers use.
+        with environ("VLLM_SERVER_DEV_MODE", "1"):
+            proc, base = start_server(log, ("--seed", "0", "--multiverse-max-paths-per-fork", "16"), progress=False)
     except RuntimeError as e:
         pytest.fail(str(e))
     yield {"base": base, "proc": proc, "log": log}
@@ -40,12 +42,8 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline(tiny_model_dir, server):
-    from vllm import LLM
-
-    with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        llm = LLM(model=str(tiny_model_dir), **LLM_DEFAULTS)
+    with in_process_llm(tiny_model_dir) as llm:
         yield llm
-        llm.llm_engine.engine_core.shutdown()
 
 
 def _user_texts(n):
@@ -108,7 +106,10 @@ def test_n_stop_max_tokens_and_logprobs(client):
     assert stop.choices[0].text == full[: full.index("</Path>")]
     many = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=1.0, seed=3, n=3,
                                      max_tokens=MAX_TOKENS, extra_body=RAW)
-    assert len(many.choices) == 3 and all(ch.text for ch in many.choices)
+    # vLLM gives child i the seed + i: each choice is that seed's request alone.
+    alone = [client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=1.0, seed=3 + i,
+                                       max_tokens=MAX_TOKENS, extra_body=RAW).choices[0].text for i in range(3)]
+    assert [ch.text for ch in sorted(many.choices, key=lambda c: c.index)] == alone
 
 
 def test_32_concurrent_streams_complete(server):
@@ -219,3 +220,106 @@ def test_metrics_count_the_forks_the_requests_cause(client, server):
             break
         time.sleep(0.5)
     assert got == want
+
+
+def test_what_cannot_be_served_exactly_is_a_400_not_a_hang(client):
+    """The request a user tried: structured outputs on a prompt that calls
+    for a Parallel block used to hang (its branches waited for a grammar)."""
+    import time
+
+    import openai
+
+    messages = [{"role": "user", "content": _user_texts(1)[0]}]
+    for extra in ({"structured_outputs": {"regex": "[\\s\\S]*"}}, {"repetition_penalty": 1.1}, {"min_tokens": 3}):
+        t0 = time.monotonic()
+        with pytest.raises(openai.BadRequestError, match="Multiverse engine does not support"):
+            client.chat.completions.create(model=str(TINY_MODEL), messages=messages, max_tokens=MAX_TOKENS,
+                                           extra_body=extra, timeout=60)
+        assert time.monotonic() - t0 < 10
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model=str(TINY_MODEL), prompt="x", presence_penalty=0.5, max_tokens=5)
+    ok = client.chat.completions.create(model=str(TINY_MODEL), messages=messages, max_tokens=20)
+    assert ok.usage.completion_tokens == 20
+
+
+def _streams_in_flight(server, texts):
+    """Start one streamed completion per text; return once each has sent
+    its </Goal> (a fork in flight), with the threads' results to come."""
+    import threading
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["base"] + "/v1", api_key="none", timeout=600)
+    results = [None] * len(texts)
+    forked = [threading.Event() for _ in texts]
+
+    def run(i):
+        parts, finish = [], None
+        stream = client.completions.create(model=str(TINY_MODEL), prompt=texts[i], temperature=0,
+                                           max_tokens=MAX_TOKENS, extra_body=RAW, stream=True)
+        for chunk in stream:
+            parts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+            if "</Goal>" in "".join(parts):
+                forked[i].set()
+        forked[i].set()
+        results[i] = ("".join(parts), finish)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for e in forked:
+        assert e.wait(120)
+    return threads, results
+
+
+def _post(base, path):
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(base + path, method="POST")
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return r.status, json.loads(r.read())
+
+
+def test_pause_wait_drains_forks_in_flight(server, client, offline):
+    from vllm import SamplingParams
+
+    texts = [_chat_prompt(t) for t in _user_texts(4)]
+    threads, results = _streams_in_flight(server, texts)
+    assert _post(server["base"], "/pause?mode=wait&clear_cache=false") == (200, {"status": "paused"})
+    for t in threads:
+        t.join(60)
+    want = offline.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **RAW), use_tqdm=False)
+    assert results == [(w.outputs[0].text, "stop") for w in want]
+    assert _post(server["base"], "/resume") == (200, {"status": "resumed"})
+    ok = client.completions.create(model=str(TINY_MODEL), prompt=texts[0], temperature=0, max_tokens=MAX_TOKENS,
+                                   extra_body=RAW)
+    assert ok.choices[0].text == want[0].outputs[0].text
+
+
+def test_pause_abort_with_forks_in_flight_frees_everything(server, client):
+    import time
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    texts = [_chat_prompt(t) for t in _user_texts(6)]
+    threads, results = _streams_in_flight(server, texts)
+    # Aborts them all, then resets the prefix cache: that fails if any block is still held.
+    assert _post(server["base"], "/pause?mode=abort") == (200, {"status": "paused"})
+    for t in threads:
+        t.join(60)
+    assert all(r is not None and r[1] == "abort" for r in results)
+    assert _post(server["base"], "/resume") == (200, {"status": "resumed"})
+    deadline = time.time() + 20
+    while True:
+        body = urllib.request.urlopen(server["base"] + "/metrics", timeout=30).read().decode()
+        usage = [s.value for f in text_string_to_metric_families(body) for s in f.samples
+                 if s.name == "vllm:kv_cache_usage_perc"]
+        if usage == [0.0] or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert usage == [0.0]
+    ok = client.completions.create(model=str(TINY_MODEL), prompt=texts[0], temperature=0, max_tokens=30, extra_body=RAW)
+    assert ok.usage.completion_tokens == 30

@@ -106,7 +106,7 @@ class ReferenceDecoder:
         queue: list[int] = []
         for tok in prompt_ids:
             ev = state.append(tok)
-            step.add(tok, state)
+            step.add(state)
             seq.append(tok)
         if ev is not None:  # a prompt ending right where the engine acts
             queue.extend(ev.write)
@@ -125,7 +125,7 @@ class ReferenceDecoder:
                 out.finish_reason = "stop"
                 break
             ev = state.append(tok)
-            step.add(tok, state)
+            step.add(state)
             seq.append(tok)
             if ev is not None:
                 queue.extend(ev.write)
@@ -144,7 +144,7 @@ class _Stepper:
         self.positions: list[int] = []
         self.hidden: list[list[tuple[int, int]]] = []
 
-    def add(self, tok: int, state: StructureState) -> None:
+    def add(self, state: StructureState) -> None:
         self.positions.append(state.position)
         self.hidden.append(state.hidden_ranges())
 

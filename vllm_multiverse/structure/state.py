@@ -114,7 +114,6 @@ class StructureState:
     """Incremental Multiverse structure of a growing token sequence."""
 
     def __init__(self, tokens: MultiverseTokens, config: StructureConfig | None = None) -> None:
-        self.tokens = tokens
         self.config = config or StructureConfig()
         self._t = tokens
         self._train = self.config.positions == "training"
