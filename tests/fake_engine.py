@@ -249,11 +249,8 @@ class FakeEngine:
             self._fork(self.reqs[rid])
         self._to_fork = []
         self.mv.launch_pending(self._start_branch)
-        tried: set[int] = set()
-        while todo := [f for f in self.mv.ready_to_merge() if id(f) not in tried]:
-            for fork in todo:
-                tried.add(id(fork))
-                self._merge(fork)
+        for fork in self.mv.ready_to_merge():
+            self._merge(fork)
 
     def _schedule(self) -> list[tuple[str, int, int]]:
         scheduled = []

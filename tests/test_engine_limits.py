@@ -5,7 +5,7 @@ merged outputs carry what vLLM's latency metrics need."""
 import pytest
 
 from conftest import in_process_llm
-from engine_harness import greedy, held_out_prompts, reference, scheduler, step_until, tokenizer
+from engine_harness import greedy, held_out_prompts, reference, scheduler, tokenizer
 
 MAX_MODEL_LEN = 640
 
@@ -75,4 +75,3 @@ def test_merged_outputs_carry_the_request_events(llm):
     assert 0 < e2e < 60
     assert 0 <= queue <= e2e and 0 <= prefill <= e2e and 0 < ttft <= e2e
     assert delta("vllm:request_generation_tokens") == 60 and delta("vllm:request_prompt_tokens") == len(prompt)
-    step_until(llm, lambda: True)

@@ -26,7 +26,7 @@ _HELP = {
     "positions": "Position convention (default: the one the model declares).",
     "max_paths_per_fork": "Paths of one fork run in parallel up to this many; beyond, one after another.",
     "max_depth": "Nesting depth of forks run in parallel; deeper blocks run their Paths one after another.",
-    "max_branches_per_request": "Live branches per request; beyond, Paths run one after another.",
+    "max_branches_per_request": "Branches decoding beside their siblings per client request (its n children together); beyond, Paths run one after another.",
     "parallel": "Paths as parallel branches (--no-multiverse-parallel: one after another, a baseline).",
     "sequential": "No branches: Paths one after another in one sequence, masked (same tokens).",
     "max_outlines": "Outlines per Goal beyond which a block is treated as plain text.",

@@ -1,7 +1,8 @@
 """What the tree asks of a KV block pool.
 
 Blocks are opaque to the tree: it only counts, keeps and hands back
-references. vLLM's pool implements this in ``vllm032/kv.py``; the unit
+references. (A branch's table, on its parent's blocks, is made by the host
+when it starts the branch: that is vLLM's own prefix sharing.) vLLM's pool implements this in ``vllm032/kv.py``; the unit
 tests implement it with a dictionary.
 """
 
@@ -15,11 +16,6 @@ Block = Any
 
 class BlockOps(Protocol):
     block_size: int
-
-    def share_prefix(self, parent_id: str, child_id: str, num_tokens: int) -> bool:
-        """Give ``child_id`` a table that references the blocks of the
-        parent's first ``num_tokens`` tokens (a partial last block is copied
-        on write); False, with nothing changed, if that does not fit."""
 
     def detach(self, request_id: str) -> list[Block]:
         """Take a finishing request's table out of the pool's tables; its

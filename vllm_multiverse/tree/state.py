@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from vllm_multiverse.structure import MultiverseTokens, StructureConfig, StructureState
@@ -162,8 +162,14 @@ class MultiverseState:
 
     # -- merge ---------------------------------------------------------------
 
-    def ready_to_merge(self) -> list[Fork]:
-        return [f for f in self.forks.values() if f.merging]
+    def ready_to_merge(self) -> Iterator[Fork]:
+        """Forks whose text is decided, until none is left untried: a merge
+        that finishes a branch can decide its own fork's text."""
+        tried: set[int] = set()
+        while todo := [f for f in self.forks.values() if f.merging and id(f) not in tried]:
+            for fork in todo:
+                tried.add(id(fork))
+                yield fork
 
     def cut(self, fork: Fork) -> Cut:
         cut = text_in_order(fork, fork.rule, self.tokens.conclusion_header)

@@ -19,6 +19,3 @@ class MultiverseStep:
     token_fixes: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     # (src slot, dst slot) KV copies of merges, in every layer, before the forward.
     kv_copies: list[tuple[int, int]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.positions or self.masks or self.token_fixes or self.kv_copies)

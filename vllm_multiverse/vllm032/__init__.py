@@ -1,7 +1,7 @@
 """Every place vllm-multiverse touches vLLM internals, pinned to vLLM 0.32.0.
 
 - ``validate.py``: what the engine refuses at start-up (features it does not
-  handle exactly), ``requests.py``: what it refuses per request (a 400);
+  handle exactly), ``per_request.py``: what it refuses per request (a 400);
 - ``wiring.py``: the engine settings Multiverse decoding needs;
 - ``kv.py``: the block-pool operations of forks and merges;
 - ``scheduler.py``: the V1 scheduler hooks, ``outputs.py``: the outputs they emit;

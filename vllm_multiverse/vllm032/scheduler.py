@@ -39,7 +39,7 @@ from vllm_multiverse.tree.fork import branch_seed
 from vllm_multiverse.vllm032 import check_vllm_version, metrics
 from vllm_multiverse.vllm032.kv import VllmBlocks, check_kv_cache_config
 from vllm_multiverse.vllm032.outputs import merged_output, rows_of, to_lists
-from vllm_multiverse.vllm032.requests import CLIENT_ARG
+from vllm_multiverse.vllm032.per_request import CLIENT_ARG
 
 logger = init_logger(__name__)
 
@@ -151,11 +151,8 @@ class MultiverseScheduler(Scheduler):
             self._fork(parent)
         self._to_fork = []
         self.mv.launch_pending(self._start_branch)
-        tried: set[int] = set()
-        while todo := [f for f in self.mv.ready_to_merge() if id(f) not in tried]:
-            for fork in todo:
-                tried.add(id(fork))
-                self._merge(fork)
+        for fork in self.mv.ready_to_merge():
+            self._merge(fork)
         # Branch requests are the engine's own: the client never sees them.
         for eco in outputs.values():
             if eco.outputs:

@@ -4,7 +4,7 @@ started (``vllm serve``, ``LLM``), before any worker exists.
 Each refusal names the feature and the way out. The list is what the
 fork/merge engine does not handle exactly; everything else vLLM does is
 either exact (TP, DP, LoRA, chunked prefill, prefix caching, preemption) or
-refused per request (``requests.py``).
+refused per request (``per_request.py``).
 """
 
 from __future__ import annotations

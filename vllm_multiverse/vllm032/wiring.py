@@ -74,7 +74,7 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_multiverse.vllm032 import requests
+    from vllm_multiverse.vllm032 import per_request
 
     original = EngineArgs.create_engine_config
 
@@ -85,7 +85,7 @@ def install() -> None:
 
     EngineArgs.create_engine_config = create_engine_config
     _add_cli_options(EngineArgs)
-    requests.install()
+    per_request.install()
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
