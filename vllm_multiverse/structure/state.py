@@ -101,6 +101,7 @@ class _Block:
     goal_seen: bool = False
     labels: list[tuple[int, ...]] = field(default_factory=list)
     label_buf: list[int] | None = None
+    label_gap: bool = False  # whitespace after the label's chars: only its ":" may follow
     path_start: int = -1  # position of every <Path> of the block
     max_end: int = -1  # the Conclusion sits at max_end + 1
     open_path: int = -1  # index of the open Path, -1 if none
@@ -246,6 +247,7 @@ class StructureState:
             return None
         if tok == t.outline_open and blk.in_goal:
             blk.label_buf = []
+            blk.label_gap = False
             return None
         if tok == t.goal_close:
             blk.in_goal = False
@@ -265,12 +267,14 @@ class StructureState:
         buf = blk.label_buf
         if buf is None:
             return None
-        if not buf and tok in t.space_ids:
+        if tok in t.space_ids:
+            # Before the label, or between it and its ":" ("1 :").
+            blk.label_gap = bool(buf)
             return None
-        if tok in t.label_char_ids and len(buf) < _MAX_LABEL_TOKENS:
+        if tok in t.label_char_ids and len(buf) < _MAX_LABEL_TOKENS and not blk.label_gap:
             buf.append(tok)
         elif tok in t.label_end_ids:
-            blk.labels.append((*buf, tok))
+            blk.labels.append(t.label(tuple(buf), tok))
             blk.label_buf = None
         else:
             blk.label_buf = None  # an Outline without a label: no Path for it

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from vllm_multiverse.model_config import write_multiverse_config
+from vllm_multiverse.model_config import declaration, write_multiverse_config
 from vllm_multiverse.structure import MultiverseTokens, analyze
 from vllm_multiverse.training.tasks import TaskSampler
 from vllm_multiverse.training.tokenizer import IM_END, build_tokenizer
@@ -206,7 +206,8 @@ def save(model, tok, tokens: MultiverseTokens, out: Path) -> None:
     tok.save_pretrained(out)
     eos = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids("<|endoftext|>")]
     GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, do_sample=False).save_pretrained(out)
-    write_multiverse_config(out, tokens)
+    # Trained with the training positions (train.py builds them with the structure rule's default).
+    write_multiverse_config(out, declaration(tokens, "training"))
 
 
 def main() -> None:

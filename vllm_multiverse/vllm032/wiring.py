@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.log import init_logger
-from vllm_multiverse.model_config import read_multiverse_config
+from vllm_multiverse.model_config import PartialTags, derive_declaration, describe, read_multiverse_config
 from vllm_multiverse.vllm032 import check_vllm_version
 from vllm_multiverse.vllm032.validate import refuse, validate
 
@@ -31,18 +31,21 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
     on. ``engine_args``: what the user asked for, where known."""
     raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
     cfg = MultiverseConfig.from_dict(raw)
-    info = read_multiverse_config(vllm_config.model_config.hf_config)
-    enabled = cfg.enabled if cfg.enabled is not None else info is not None
-    if not enabled:
+    if cfg.enabled is False:
         return False
-    model = vllm_config.model_config.model
+    model_config = vllm_config.model_config
+    model = model_config.model
+    info = read_multiverse_config(model_config.hf_config) or _derive(model_config, cfg.enabled)
     if info is None:
-        raise ValueError(
-            f"Multiverse decoding was asked for, but {model} does not declare itself a "
-            "Multiverse model (config.json['multiverse'])"
-        )
+        if cfg.enabled:
+            raise ValueError(
+                f"Multiverse decoding was asked for, but {model} is not a Multiverse model: no "
+                "config.json['multiverse'] entry and no Multiverse tags in its tokenizer"
+            )
+        return False
     check_vllm_version()
     validate(vllm_config, engine_args)
+    _drop_history_defaults(model_config)
     sched = vllm_config.scheduler_config
     if sched.scheduler_cls not in (None, SCHEDULER_CLS):
         refuse(f"--scheduler-cls {sched.scheduler_cls}", "Multiverse decoding needs its own scheduler.")
@@ -69,6 +72,66 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg.to_dict()}
     logger.info("Multiverse decoding on for %s (%s)", model, cfg)
     return True
+
+
+def _derive(model_config, asked: bool | None):
+    """The declaration of a checkpoint that has none, from its tokenizer
+    (stored on the HF config, where a config.json entry would be)."""
+    from transformers import AutoTokenizer
+
+    if model_config.skip_tokenizer_init:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_config.tokenizer,
+            revision=model_config.tokenizer_revision,
+            trust_remote_code=model_config.trust_remote_code,
+        )
+    except Exception as e:  # not a Hugging Face tokenizer: then not the authors' checkpoint either
+        logger.debug("Multiverse: no Hugging Face tokenizer for %s (%s)", model_config.model, e)
+        return None
+    try:
+        entry = derive_declaration(tokenizer)
+    except PartialTags as e:
+        if asked:
+            raise ValueError(f"Multiverse decoding was asked for, but for {model_config.model} {e}") from e
+        logger.warning("Multiverse decoding off for %s: %s", model_config.model, e)
+        return None
+    if entry is None:
+        return None
+    model_config.hf_config.multiverse = entry
+    logger.info(
+        "Multiverse: %s declares nothing; derived from its tokenizer: %s (`vllm-multiverse declare` prints "
+        "it, --write stores it; --multiverse-positions changes the convention)",
+        model_config.model,
+        describe(entry),
+    )
+    return read_multiverse_config(model_config.hf_config)
+
+
+# Sampling defaults that depend on earlier output tokens (per_request.py).
+_HISTORY_DEFAULTS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def _drop_history_defaults(model_config) -> None:
+    """A checkpoint's generation_config.json may ask for penalties (Qwen2.5's
+    does): they are not applied by default, as the authors' engine did not,
+    rather than every request being refused."""
+    defaults = model_config.get_diff_sampling_param()
+    for name, neutral in _HISTORY_DEFAULTS.items():
+        value = defaults.get(name)
+        if value is None or value == neutral:
+            continue
+        if name in model_config.override_generation_config:
+            refuse(f"--override-generation-config {name}={value}", "it depends on the earlier output tokens, "
+                   "which a Path decoded in parallel does not have.")
+        model_config.override_generation_config[name] = neutral
+        logger.info(
+            "Multiverse: the model's generation config sets %s=%s; not applied by default (it depends on the "
+            "earlier output tokens, which a Path decoded in parallel does not have)",
+            name,
+            value,
+        )
 
 
 def install() -> None:
