@@ -153,6 +153,32 @@ def test_no_multiverse_enabled_gives_plain_vllm(mv32b_dir):
     assert getattr(cfg.model_config.hf_config, "multiverse", None) is None
 
 
+def test_a_declaration_wins_over_the_derivation(mv32b_dir, tmp_path):
+    """--hf-overrides '{"multiverse": ...}' or config.json["multiverse"]
+    (written by vllm-multiverse declare --write) is what the engine reads."""
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_multiverse.model_config import derive_declaration
+    from vllm_multiverse.plugin import register
+
+    register()
+    base = dict(dtype="float32", max_model_len=2048, enforce_eager=True)
+    entry = {**derive_declaration(_tokenizer(mv32b_dir)), "positions": "training"}
+    cfg = EngineArgs(model=str(mv32b_dir), hf_overrides={"multiverse": entry}, **base).create_engine_config()
+    assert cfg.model_config.hf_config.multiverse["positions"] == "training"
+    copy = tmp_path / "declared"
+    shutil.copytree(mv32b_dir, copy)
+    script = Path(sys.executable).with_name("vllm-multiverse")
+    out = subprocess.run([str(script), "declare", str(copy), "--positions", "training", "--write"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((copy / "config.json").read_text())["multiverse"] == entry == json.loads(out.stdout)
+    cfg = EngineArgs(model=str(copy), **base).create_engine_config()
+    assert cfg.model_config.hf_config.multiverse == entry
+
+
 # -- the engine, through LLM ------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ def plain_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("plain-qwen2")
     torch.manual_seed(1)
-    tok = build_tokenizer()
+    tok = build_tokenizer(tags=False)  # no Multiverse tags: not a Multiverse model
     cfg = Qwen2Config(vocab_size=120, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                       eos_token_id=tok.eos_token_id)

@@ -22,7 +22,8 @@ PREFIX = "multiverse_"
 _INTERNAL = {"prefix_caching"}
 
 _HELP = {
-    "enabled": "Multiverse decoding on or off (default: on for models that declare themselves Multiverse models).",
+    "enabled": "Multiverse decoding on or off (default: on for Multiverse models: a config.json['multiverse'] "
+    "declaration, or the twelve tags as special tokens in the tokenizer).",
     "positions": "Position convention (default: the one the model declares).",
     "max_paths_per_fork": "Paths of one fork run in parallel up to this many; beyond, one after another.",
     "max_depth": "Nesting depth of forks run in parallel; deeper blocks run their Paths one after another.",

@@ -50,13 +50,16 @@ def _byte_chars() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+def build_tokenizer(tags: bool = True) -> Qwen2Tokenizer:
+    """``tags=False``: the same tokenizer without the Multiverse tags (a
+    model that is not a Multiverse model, for tests)."""
+    specials = SPECIALS if tags else SPECIALS[:3]
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in _byte_chars():
         vocab[ch] = len(vocab)
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token=IM_END, pad_token=EOS, unk_token=None)
     tok.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIALS[1:]]}
+        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in specials[1:]]}
     )
     tok.add_tokens([AddedToken(p, normalized=False) for p in PHRASES])
     tok.chat_template = CHAT_TEMPLATE
