@@ -8,7 +8,6 @@ through ``LLM`` and through ``vllm serve`` with the ``openai`` client."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,21 +25,31 @@ BODY = (
     "<Outline>\n2:\nSum the odd terms.\n</Outline>\n"
     "</Goal>\n"
     "<Path>\n1: The even terms are 2, 4 and 6.\nLet's think in parallel.\n<Parallel>\n<Goal>\n"
-    "<Outline>\n1.1: the first two\n</Outline>\n<Outline>\n1.2: the last\n</Outline>\n</Goal>\n"
-    "<Path>\n1.1: 2 and 4\n</Path>\n<Path>\n1.2: 6\n</Path>\n<Conclusion>\nThree even terms.\n</Conclusion>\n"
+    "<Outline>\n1.1: the first two\n</Outline>\n<Outline>\n1.2:\nthe last\n</Outline>\n</Goal>\n"
+    "<Path>\n1.1: 2 and 4\n</Path>\n"
+    "<Path>\n1.2: 6, in two steps.\nLet's think in parallel.\n<Parallel>\n<Goal>\n"
+    "<Outline>\n1.2.1: half\n</Outline>\n<Outline>\n1.2.2: double\n</Outline>\n</Goal>\n"
+    "<Path>\n1.2.1: 3\n</Path>\n<Path>\n1.2.2: 6\n</Path>\n<Conclusion>\n6\n</Conclusion>\n</Parallel>\n"
+    "</Path>\n<Conclusion>\nThree even terms.\n</Conclusion>\n"
     "</Parallel>\nSo 3.\n</Path>\n"
     "<Path>\n2: 1 + 3 + 5 = 9.\n</Path>\n"
-    "<Conclusion>\n3 even terms; the odd ones sum to 9.\n</Conclusion>\n</Parallel>\n</Think>\n\nAnswer: 3, 9"
+    "<Conclusion>\n3 even terms; the odd ones sum to 9.\n</Conclusion>\n</Parallel>\n"
+    "Then check both.\nLet's think in parallel.\n<Parallel>\n<Goal>\n"
+    "<Outline> 11: the count\n</Outline>\n<Outline>\n12 : the sum\n</Outline>\n</Goal>\n"
+    "<Path>\n11: 3 is right.\n</Path>\n<Path>\n12: 9 is right.\n</Path>\n"
+    "<Conclusion>\nBoth hold.\n</Conclusion>\n</Parallel>\n</Think>\n\nAnswer: 3, 9"
 )
 # Where a client's continuation may start: (name, text the prompt ends with)
 CUTS = {
     "inside the Goal": "<Outline>\n2:",
     "at </Goal>": "</Goal>",
     "inside Path 1": "The even terms are 2,",
-    "inside a nested Path": "1.2: 6",
+    "inside a nested Path": "1.2.1: 3",
+    "at a nested </Goal>": "1.2.2: double\n</Outline>\n</Goal>",
     "between the Paths": "So 3.\n</Path>\n",
     "inside a later Path": "2: 1 + 3",
     "inside the Conclusion": "3 even terms;",
+    "inside a later block's Path": "12: 9 is",
 }
 MAX_TOKENS = 40
 
@@ -250,31 +259,13 @@ def test_continuations_agree_in_parallel_sequential_and_the_reference(llm, mv32b
 
 @pytest.fixture(scope="module")
 def server(mv32b_dir, tmp_path_factory, llm):
-    import socket
-    import urllib.request
+    from vllm_multiverse.demo import start_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("serve32b") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING")}
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", str(mv32b_dir), "--plugin", "multiverse",
-           "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(256 * 2**20),
-           "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
+    try:
+        proc, base = start_server(log, progress=False, model=mv32b_dir, kv_cache_bytes=256 * 2**20)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield {"base": base, "log": log}
     proc.terminate()
     proc.wait(timeout=60)

@@ -67,6 +67,8 @@ def test_soak_10000_mixed_requests(llm):
             live[rid] = {"prompt": p, "max_tokens": mt, "tokens": [], "abort_at": steps + rng.randint(1, 400)
                          if rng.random() < 0.2 else None}
             added += 1
+            if added % 1000 == 0:
+                print(f"soak: {added} added, {len(done)} finished, {aborted} aborted, {steps} steps", flush=True)
         for o in engine.step():
             req = live.get(o.request_id)
             if req is None:

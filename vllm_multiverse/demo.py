@@ -35,15 +35,17 @@ def draw_tree(token_ids, prompt_len: int, tokens, tok) -> str:
     return "\n".join(lines) if lines else "(no Parallel block: a plain answer)"
 
 
-def start_server(log_path: Path, extra_args=(), progress: bool = True) -> tuple[subprocess.Popen, str]:
-    """`vllm serve` on the bundled model with the plugin; returns once it is healthy."""
+def start_server(
+    log_path: Path, extra_args=(), progress: bool = True, model: Path = MODEL_DIR, kv_cache_bytes: int = 512 * 2**20
+) -> tuple[subprocess.Popen, str]:
+    """`vllm serve` on a model (the bundled one) with the plugin; returns once it is healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
-        str(Path(sys.executable).with_name("vllm")), "serve", str(MODEL_DIR), "--plugin", "multiverse",
+        str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--plugin", "multiverse",
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-        "--kv-cache-memory-bytes", str(512 * 2**20), "--host", "127.0.0.1", "--port", str(port), *extra_args,
+        "--kv-cache-memory-bytes", str(kv_cache_bytes), "--host", "127.0.0.1", "--port", str(port), *extra_args,
     ]
     if progress:
         print("$ " + " ".join(["vllm", *cmd[1:]]))
