@@ -71,6 +71,45 @@ def test_start_up_refuses(case):
         assert "--dtype float32" in msg
 
 
+# Whole model configs of other architectures, with the tiny model's tokenizer
+# and declaration (vLLM reads only the config at start-up).
+OTHER_MODELS = {
+    # vLLM's CPU build turns prefix caching off for MLA models.
+    "MLA (prefix caching off)": ({
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 128,
+        "intermediate_size": 256, "moe_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "kv_lora_rank": 32, "q_lora_rank": None, "qk_rope_head_dim": 32,
+        "v_head_dim": 32, "qk_nope_head_dim": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "first_k_dense_replace": 1, "max_position_embeddings": 2048,
+    }, "vLLM turns prefix caching off"),
+    "hybrid (Mamba)": ({
+        "architectures": ["MambaForCausalLM"], "model_type": "mamba", "hidden_size": 128, "state_size": 16,
+        "num_hidden_layers": 2,
+    }, "hybrid or attention-free"),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_MODELS))
+def test_start_up_refuses_other_architectures(case, tmp_path):
+    import json
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_multiverse.vllm032.validate import MultiverseConfigError
+
+    tiny = json.loads((TINY_MODEL / "config.json").read_text())
+    for f in TINY_MODEL.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, tmp_path)
+    cfg, feature = OTHER_MODELS[case]
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**cfg, "vocab_size": tiny["vocab_size"], "torch_dtype": "float32", "multiverse": tiny["multiverse"]}))
+    with pytest.raises(MultiverseConfigError, match=feature) as err:
+        EngineArgs(**(BASE | {"model": str(tmp_path)})).create_engine_config()
+    assert "--no-multiverse-enabled" in str(err.value)
+
+
 @pytest.mark.parametrize("case", ["prompt embeddings", "fp16 on CPU", "sliding window"])
 def test_no_multiverse_enabled_is_the_way_out(case):
     from vllm.engine.arg_utils import EngineArgs
