@@ -101,9 +101,10 @@ class MultiverseScheduler(Scheduler):
     # -- scheduling ----------------------------------------------------------
 
     def schedule(self, *args, **kwargs):
-        # Oldest first: each prepend goes to the front.
-        for rid in reversed(self.mv.release_held(others_active=bool(self._active_roots()))):
-            self.waiting.prepend_request(self.requests[rid])
+        if self.mv.held:
+            # Oldest first: each prepend goes to the front.
+            for rid in reversed(self.mv.release_held(others_active=bool(self._active_roots()))):
+                self.waiting.prepend_request(self.requests[rid])
         self._relieve_pressure()
         out = super().schedule(*args, **kwargs)
         if out.total_num_scheduled_tokens == 0 and self._blocked():
