@@ -38,7 +38,7 @@ def test_compact_mask_expands_to_the_structure_rule(tiny_model_dir):
     from vllm_multiverse.model_config import read_multiverse_config
     from vllm_multiverse.structure import StructureState, analyze
     from vllm_multiverse.tree import Track
-    from vllm_multiverse.vllm032.runner import allowed_rows
+    from vllm_multiverse.kernels.packed_mask import allowed_rows
     from vllm_multiverse.training.train import held_out_tasks
 
     tok = tokenizer()

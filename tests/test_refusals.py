@@ -44,6 +44,9 @@ REFUSED = {
     "fp16 on CPU": (dict(dtype="float16"), "float16 on CPU"),
     "head size not a multiple of 32": (dict(hf_overrides={"head_dim": 48}), "layout 'vec16'"),
     "kernel block size": (dict(block_size=16), "layout 'vec16'"),
+    "FlashInfer on CPU": (dict(additional_config={"multiverse": {"masked_attention": "flashinfer"}}),
+                          "--multiverse-masked-attention flashinfer on CPU"),
+    "flex attention": (dict(attention_backend="FLEX_ATTENTION"), "the attention backend"),
 }
 
 

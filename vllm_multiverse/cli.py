@@ -32,6 +32,8 @@ _HELP = {
     "sequential": "No branches: Paths one after another in one sequence, masked (same tokens).",
     "max_outlines": "Outlines per Goal beyond which a block is treated as plain text.",
     "max_nesting": "Nesting beyond which a block is treated as plain text.",
+    "masked_attention": "CUDA: how rows under a Multiverse mask are recomputed (FlashInfer's masked paged "
+    "prefill, or SDPA over the gathered KV for debugging; default: FlashInfer where installed).",
 }
 
 
@@ -56,7 +58,8 @@ def add_cli_args(parser):
         elif kind is int:
             group.add_argument(flag, type=int, default=argparse.SUPPRESS, help=f"{_HELP[f.name]} Default: {f.default}.")
         else:
-            choices = [c for a in args for c in typing.get_args(a)] or None
+            choices = list(args) if typing.get_origin(kind) is typing.Literal else None
+            choices = choices or [c for a in args for c in typing.get_args(a)] or None
             group.add_argument(flag, choices=choices, default=argparse.SUPPRESS, help=_HELP[f.name])
     return parser
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from vllm_multiverse.structure import PositionConvention, StructureConfig
 
 ADDITIONAL_CONFIG_KEY = "multiverse"
+
+MaskedAttention = Literal["auto", "flashinfer", "sdpa"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,11 @@ class MultiverseConfig:
     # The structure rule's own limits (malformed beyond them: causal text).
     max_outlines: int = StructureConfig.max_outlines
     max_nesting: int = StructureConfig.max_depth
+    # How masked rows are recomputed on CUDA: FlashInfer's masked paged
+    # prefill, or SDPA over the gathered K/V (a debugging route); "auto":
+    # FlashInfer where it is installed. Start-up stores the route it chose.
+    # On CPU it is SDPA.
+    masked_attention: MaskedAttention = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_paths_per_fork", "max_depth", "max_branches_per_request"):

@@ -1,39 +1,43 @@
-"""The model-runner hooks on vLLM 0.32.0's V1 ``GPUModelRunner`` (the CPU
-runner is its subclass): the step's written tokens, the merge's KV copies,
-Multiverse positions for the scheduled tokens, and the masks handed to the
-attention backend. Everything comes from the step's
+"""The model-runner hooks on vLLM 0.32.0's V1 ``GPUModelRunner``, the same
+code on CPU (whose runner is its subclass) and on CUDA: the step's written
+tokens, the merge's KV copies, Multiverse positions for the scheduled
+tokens, the masked rows handed to the attention backend, and no full CUDA
+graph for a step that has them. Everything comes from the step's
 :class:`~vllm_multiverse.tree.MultiverseStep` (``SchedulerOutput.multiverse``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from vllm.config import CUDAGraphMode
+from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
+from vllm_multiverse.kernels.masked_attention import MaskedBatch
+from vllm_multiverse.kernels.packed_mask import MaskedRow
 from vllm_multiverse.tree import MultiverseStep
-from vllm_multiverse.tree.masks import Rect
 
 _EMPTY = MultiverseStep()
 
 
-def allowed_rows(rects: list[Rect], start: int, end: int) -> torch.Tensor:
-    """Boolean [end - start, end]: query row r (token start + r) may see key k."""
-    q = torch.arange(start, end).unsqueeze(1)
-    allowed = torch.arange(end).unsqueeze(0) <= q
-    for q0, q1, k0, k1 in rects:
-        allowed[max(q0, start) - start : max(0, min(q1, end) - start), k0:k1] = False
-    return allowed
-
-
 def check_attention_layers(vllm_config) -> None:
     """What start-up could only guess from the model's config, read off the
-    built attention layers: nothing the masked path lacks."""
+    built attention layers: a backend the plugin extends (one that
+    recomputes masked rows), and nothing the masked path lacks."""
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 
+    from vllm_multiverse.vllm032.attention import MaskedRowsImpl
     from vllm_multiverse.vllm032.validate import refuse
 
     for name, layer in get_layers_from_vllm_config(vllm_config, Attention).items():
         impl = layer.impl
+        if not isinstance(impl, MaskedRowsImpl):
+            refuse(
+                f"the attention backend {type(impl).__name__}",
+                f"layer {name} uses it; the masked rows are recomputed for vLLM's CPU_ATTN, FLASH_ATTN, "
+                "FLASHINFER and TRITON_ATTN backends (pick one with --attention-backend).",
+            )
         if getattr(impl, "alibi_slopes", None) is not None:
             refuse("ALiBi attention", f"layer {name} uses it.")
         if getattr(impl, "sinks", None) is not None:
@@ -44,13 +48,51 @@ def check_attention_layers(vllm_config) -> None:
             refuse("sliding-window attention", f"layer {name} uses it.")
 
 
+class MultiverseCudagraphDispatcher(CudagraphDispatcher):
+    """A full graph replays the attention it captured, which has no mask:
+    a step with masked rows runs piecewise (attention eager, in Python) or
+    eager. Steps without keep vLLM's choice."""
+
+    masked_step = False
+
+    def dispatch(self, *args, valid_modes=None, invalid_modes=None, **kwargs):
+        if self.masked_step and (valid_modes is None or set(valid_modes) - {CUDAGraphMode.FULL}):
+            invalid_modes = set(invalid_modes or ()) | {CUDAGraphMode.FULL}
+        return super().dispatch(*args, valid_modes=valid_modes, invalid_modes=invalid_modes, **kwargs)
+
+
+def position_deltas(
+    positions: dict, req_ids: list[str], query_start: np.ndarray, seq_lens: np.ndarray, total: int
+) -> np.ndarray | None:
+    """Token index minus Multiverse position, for each scheduled token of
+    the batch (vLLM's positions are token indices); None if all zero."""
+    if not positions:
+        return None
+    delta = np.zeros(total, dtype=np.int64)
+    for i, rid in enumerate(req_ids):
+        pos = positions.get(rid)
+        if pos is None:
+            continue
+        a, b = int(query_start[i]), int(query_start[i + 1])
+        if isinstance(pos, int):
+            delta[a:b] = pos
+        else:
+            start = int(seq_lens[i]) - (b - a)
+            delta[a:b] = np.arange(start, start + b - a) - np.asarray(pos, dtype=np.int64)
+    return delta
+
+
 class MultiverseRunnerMixin:
     # Set by the subclass for its platform: (kv_caches, copies) -> None.
     copy_kv_slots = None
+    # The step being prepared; vLLM's dummy runs (profiling, CUDA graph
+    # capture) have none.
+    _mv_step = _EMPTY
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
         check_attention_layers(self.vllm_config)
+        self.cudagraph_dispatcher.__class__ = MultiverseCudagraphDispatcher
 
     def _update_states(self, scheduler_output):
         step: MultiverseStep = getattr(scheduler_output, "multiverse", _EMPTY)
@@ -82,41 +124,56 @@ class MultiverseRunnerMixin:
         # After vLLM's own block zeroing and copy-on-write, before the forward.
         if step.kv_copies:
             type(self).copy_kv_slots(self.kv_caches, step.kv_copies)
+        self.cudagraph_dispatcher.masked_step = bool(step.masks)
         self._mv_step = step
         return ret
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         ret = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        # Slot mapping used the token index; RoPE gets the Multiverse position.
-        positions = self._mv_step.positions
-        if positions:
-            qsl = self.query_start_loc.np
-            for i, rid in enumerate(self.input_batch.req_ids):
-                pos = positions.get(rid)
-                if pos is None:
-                    continue
-                a, b = int(qsl[i]), int(qsl[i + 1])
-                if isinstance(pos, int):
-                    self.positions[a:b] -= pos
-                else:
-                    self.positions[a:b] = torch.tensor(pos, dtype=self.positions.dtype)
+        # The slot mapping was computed from the token indices; RoPE gets the
+        # Multiverse positions: one host-to-device copy for the batch.
+        num_reqs = self.input_batch.num_reqs
+        delta = position_deltas(
+            self._mv_step.positions,
+            self.input_batch.req_ids,
+            self.query_start_loc.np[: num_reqs + 1],
+            self.optimistic_seq_lens_cpu.numpy()[:num_reqs],
+            int(num_scheduled_tokens.sum()),
+        )
+        if delta is not None:
+            d = torch.from_numpy(delta)
+            if self.positions.is_cuda:
+                d = d.pin_memory().to(self.positions.device, non_blocking=True)
+            self.positions[: len(delta)] -= d
         return ret
+
+    def _masked_batch(self, masks) -> MaskedBatch:
+        qsl = self.query_start_loc.np
+        seq_lens = self.optimistic_seq_lens_cpu.numpy()
+        table = self.input_batch.block_table[0]
+        # The table holds scheduler blocks; the layers' caches count kernel
+        # blocks, each scheduler block holding `split` of them in order.
+        kernel_block = self._kernel_block_sizes[0]
+        split = table.block_size // kernel_block
+        rows, offsets, block_ids = [], [], []
+        for i, rid in enumerate(self.input_batch.req_ids):
+            rects = masks.get(rid)
+            if rects is None:
+                continue
+            a, q_len, end = int(qsl[i]), int(qsl[i + 1] - qsl[i]), int(seq_lens[i])
+            blocks = table.block_table.np[i, : -(-end // table.block_size)].astype(np.int64)
+            rows.append(MaskedRow(end - q_len, q_len, tuple(rects)))
+            offsets.append(a)
+            block_ids.append((blocks[:, None] * split + np.arange(split)).reshape(-1))
+        return MaskedBatch(rows, offsets, block_ids, kernel_block)
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)
         masks = self._mv_step.masks
         self._mv_step = _EMPTY
         if masks and attn_metadata:
-            qsl = self.query_start_loc.np
-            rows = {}
-            for i, rid in enumerate(self.input_batch.req_ids):
-                rects = masks.get(rid)
-                if rects is None:
-                    continue
-                q_len = int(qsl[i + 1] - qsl[i])
-                end = int(self.seq_lens[i])
-                rows[i] = allowed_rows(rects, end - q_len, end)
+            batch = self._masked_batch(masks)
             # One metadata object serves every layer of a KV cache group.
             for md in {id(m): m for m in attn_metadata.values()}.values():
-                md.multiverse_masks = rows
+                md.multiverse_masks = batch
         return attn_metadata, spec

@@ -39,10 +39,12 @@ def validate(vllm_config, engine_args=None) -> None:
 
     if current_platform.is_cpu():
         _check_cpu(vllm_config)
+    elif current_platform.is_cuda():
+        _check_cuda(vllm_config)
     else:
         refuse(
             f"the {current_platform.device_name} platform",
-            "the plugin's model runner and attention hooks are built for vLLM's CPU build so far.",
+            "the plugin's model runner and attention hooks are built for vLLM's CPU and CUDA builds.",
         )
 
 
@@ -116,6 +118,7 @@ def _check_model(model_config) -> None:
 
 
 def _check_cpu(vllm_config) -> None:
+    _check_attention_backend(vllm_config, ("CPU_ATTN",))
     model_config = vllm_config.model_config
     cache = vllm_config.cache_config
     if vllm_config.use_v2_model_runner:
@@ -138,4 +141,28 @@ def _check_cpu(vllm_config) -> None:
             f"the CPU KV cache layout {isa!r}",
             f"the merge's KV copy knows vLLM's 'vec' layout (x86, head size and block size multiples of 32; "
             f"here head size {model_config.get_head_size()}, block size {cache.block_size}).",
+        )
+
+
+def _check_cuda(vllm_config) -> None:
+    from vllm_multiverse.vllm032.attention import CUDA_BACKENDS
+
+    dtype = vllm_config.model_config.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        refuse(
+            f"{str(dtype).removeprefix('torch.')} on CUDA",
+            "the masked rows run on vLLM's FlashAttention, FlashInfer or Triton backends and FlashInfer's "
+            "masked prefill, all bf16/fp16; pass --dtype bfloat16 or float16.",
+        )
+    if vllm_config.use_v2_model_runner:
+        refuse("Model Runner V2", "the runner hooks are written for the V1 runner; unset VLLM_USE_V2_MODEL_RUNNER.")
+    _check_attention_backend(vllm_config, CUDA_BACKENDS)
+
+
+def _check_attention_backend(vllm_config, supported: tuple[str, ...]) -> None:
+    backend = getattr(vllm_config.attention_config, "backend", None)
+    if backend is not None and backend.name not in supported:
+        refuse(
+            f"the attention backend {backend.name} (--attention-backend)",
+            f"the masked rows are recomputed for {', '.join(supported)} only here.",
         )

@@ -3,13 +3,16 @@
 :func:`install` runs in every process vLLM starts (the general plugin's
 ``register``): it wraps ``EngineArgs.create_engine_config`` so that an
 engine for a Multiverse model gets the Multiverse scheduler and worker
-after :mod:`.validate` has refused what it cannot serve, adds the
-``--multiverse-*`` options, the per-request refusals and, on CPU, the
-masked attention backend. Every other engine is left exactly as vLLM builds it.
+after :mod:`.validate` has refused what it cannot serve, and adds the
+``--multiverse-*`` options and the per-request refusals. The worker points
+vLLM's attention backends at the masked-rows subclasses (:mod:`.attention`)
+in its own process. Every other engine is left exactly as vLLM builds it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import replace
 
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
@@ -21,9 +24,59 @@ from vllm_multiverse.vllm032.validate import refuse, validate
 logger = init_logger(__name__)
 
 SCHEDULER_CLS = "vllm_multiverse.vllm032.scheduler.MultiverseScheduler"
-CPU_WORKER_CLS = "vllm_multiverse.vllm032.cpu.worker.MultiverseCPUWorker"
-CPU_ATTENTION_BACKEND = "vllm_multiverse.vllm032.cpu.attention.MultiverseCPUAttentionBackend"
-_STOCK_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+# Platform -> (vLLM's worker, the Multiverse worker).
+WORKERS = {
+    "cpu": ("vllm.v1.worker.cpu_worker.CPUWorker", "vllm_multiverse.vllm032.cpu.worker.MultiverseCPUWorker"),
+    "cuda": ("vllm.v1.worker.gpu_worker.Worker", "vllm_multiverse.vllm032.cuda.worker.MultiverseGPUWorker"),
+}
+V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def platform_name() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else current_platform.device_name
+
+
+def masked_route(requested: str, platform: str, flashinfer_installed: bool) -> str:
+    """How this engine recomputes masked rows (``MultiverseConfig.masked_attention``)."""
+    if platform == "cpu":
+        if requested == "flashinfer":
+            refuse("--multiverse-masked-attention flashinfer on CPU", "FlashInfer is a CUDA library.")
+        return "sdpa"
+    if requested == "auto":
+        return "flashinfer" if flashinfer_installed else "sdpa"
+    if requested == "flashinfer" and not flashinfer_installed:
+        refuse("--multiverse-masked-attention flashinfer", "flashinfer-python is not installed (pip install -e \".[cuda]\").")
+    return requested
+
+
+def multiverse_declaration(vllm_config, cfg: MultiverseConfig):
+    """The model's Multiverse declaration, or None for a model served as
+    stock vLLM would."""
+    if cfg.enabled is False:
+        return None
+    model_config = vllm_config.model_config
+    info = read_multiverse_config(model_config.hf_config) or _derive(model_config, cfg.enabled)
+    if info is None and cfg.enabled:
+        raise ValueError(
+            f"Multiverse decoding was asked for, but {model_config.model} is not a Multiverse model: no "
+            "config.json['multiverse'] entry and no Multiverse tags in its tokenizer"
+        )
+    return info
+
+
+def wants_v1_runner(vllm_config) -> bool:
+    """A Multiverse engine on CUDA whose config chose Model Runner V2 by
+    default: it is built again with the V1 runner (cuda/worker.py says why)."""
+    if platform_name() != "cuda" or not vllm_config.use_v2_model_runner:
+        return False
+    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if multiverse_declaration(vllm_config, MultiverseConfig.from_dict(raw)) is None:
+        return False
+    if os.environ.get(V2_ENV, "").strip().lower() in ("1", "true"):
+        refuse(f"Model Runner V2 ({V2_ENV}=1)", "the runner hooks are written for the V1 runner; unset it.")
+    return True
 
 
 def configure_engine(vllm_config, engine_args=None) -> bool:
@@ -31,18 +84,10 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
     on. ``engine_args``: what the user asked for, where known."""
     raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
     cfg = MultiverseConfig.from_dict(raw)
-    if cfg.enabled is False:
+    if multiverse_declaration(vllm_config, cfg) is None:
         return False
     model_config = vllm_config.model_config
     model = model_config.model
-    info = read_multiverse_config(model_config.hf_config) or _derive(model_config, cfg.enabled)
-    if info is None:
-        if cfg.enabled:
-            raise ValueError(
-                f"Multiverse decoding was asked for, but {model} is not a Multiverse model: no "
-                "config.json['multiverse'] entry and no Multiverse tags in its tokenizer"
-            )
-        return False
     check_vllm_version()
     validate(vllm_config, engine_args)
     _drop_history_defaults(model_config)
@@ -50,10 +95,19 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
     if sched.scheduler_cls not in (None, SCHEDULER_CLS):
         refuse(f"--scheduler-cls {sched.scheduler_cls}", "Multiverse decoding needs its own scheduler.")
     par = vllm_config.parallel_config
-    if par.worker_cls not in ("auto", _STOCK_CPU_WORKER, CPU_WORKER_CLS):
+    platform = platform_name()
+    if par.worker_cls not in ("auto", *WORKERS[platform]):
         refuse(f"--worker-cls {par.worker_cls}", "Multiverse decoding needs its own worker.")
     sched.scheduler_cls = SCHEDULER_CLS
-    par.worker_cls = CPU_WORKER_CLS
+    par.worker_cls = WORKERS[platform][1]
+    route = masked_route(cfg.masked_attention, platform, importlib.util.find_spec("flashinfer") is not None)
+    cfg = replace(cfg, masked_attention=route)
+    if platform == "cuda":
+        logger.info(
+            "Multiverse: V1 model runner; masked rows (prompts holding Parallel blocks, recompute after "
+            "preemption, sequential decoding) through %s; steps with masked rows run without full CUDA graphs",
+            "FlashInfer's masked paged prefill" if route == "flashinfer" else "SDPA over the gathered KV",
+        )
     if sched.async_scheduling:
         sched.async_scheduling = False
         logger.info("Multiverse: async scheduling off (a fork is decided on the tokens of the step just run)")
@@ -143,20 +197,19 @@ def install() -> None:
 
     def create_engine_config(self, *args, **kwargs):
         config = original(self, *args, **kwargs)
+        if wants_v1_runner(config):
+            # The runner choice shapes the whole config (CUDA graphs,
+            # scheduling), so it is made before vLLM builds it, and in the
+            # environment the engine's processes inherit.
+            os.environ[V2_ENV] = "0"
+            logger.info("Multiverse: the V1 model runner on CUDA (%s=0; docs/attention.md says why)", V2_ENV)
+            config = original(self, *args, **kwargs)
         configure_engine(config, self)
         return config
 
     EngineArgs.create_engine_config = create_engine_config
     _add_cli_options(EngineArgs)
     per_request.install()
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        # Before any model is built in this process; without masks it is
-        # vLLM's own CPU attention.
-        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_ATTENTION_BACKEND)
 
 
 def _add_cli_options(EngineArgs) -> None:

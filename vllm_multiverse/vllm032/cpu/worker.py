@@ -5,7 +5,7 @@ from __future__ import annotations
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_multiverse.vllm032 import check_vllm_version
+from vllm_multiverse.vllm032 import attention, check_vllm_version
 from vllm_multiverse.vllm032.cpu.kv_layout import copy_token_slots
 from vllm_multiverse.vllm032.runner import MultiverseRunnerMixin
 
@@ -17,6 +17,8 @@ class MultiverseCPUModelRunner(MultiverseRunnerMixin, CPUModelRunner):
 class MultiverseCPUWorker(CPUWorker):
     def init_device(self):
         check_vllm_version()
+        # Before the model (and its attention layers) is built.
+        attention.register(platform_is_cpu=True, route="sdpa")
         super().init_device()
         # CPUWorker builds its runner inline (the V1 runner: start-up refused
         # V2), so the class is swapped here.

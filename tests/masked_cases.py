@@ -1,0 +1,100 @@
+"""Random Multiverse sequences and paged KV caches for the masked-attention
+checks (CPU and GPU). No vLLM: ``scripts/gpu_check.sh`` runs on a machine
+without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from toy_vocab import VOCAB, TOKENS
+from vllm_multiverse.kernels.masked_attention import MaskedBatch
+from vllm_multiverse.kernels.packed_mask import MaskedRow
+from vllm_multiverse.structure import analyze
+
+# Orders of the per-layer tensor in memory, as permutations of the logical
+# [blocks, heads, tokens, content] view (vLLM's NHD and HND).
+LAYOUTS = {"NHD": (0, 2, 1, 3), "HND": (0, 1, 2, 3)}
+
+
+def words(*ws: str) -> list[int]:
+    return [VOCAB[w] for w in ws]
+
+
+def structured_ids(rng: np.random.Generator, n_blocks: int, path_len: int, max_paths: int = 3) -> list[int]:
+    """A prompt, then ``n_blocks`` Parallel blocks of 2..max_paths Paths of
+    about ``path_len`` tokens each, with text between them."""
+    fill = lambda k: [VOCAB[w] for w in rng.choice(["a", "b", "c", "d", "x", "y"], size=k)]  # noqa: E731
+    ids = fill(int(rng.integers(5, 40)))
+    for _ in range(n_blocks):
+        p = int(rng.integers(2, max_paths + 1))
+        labels = [str(i + 1) for i in range(p)]
+        # The shape of the worked example (docs/structure.md).
+        ids += words("<Parallel>", "\n", "<Goal>", "\n")
+        for lab in labels:
+            ids += words("<Outline>", lab, ":") + fill(3) + words("</Outline>")
+        ids += words("</Goal>", "\n")
+        for lab in labels:
+            ids += words("<Path>", "\n", lab, ":") + fill(int(rng.integers(path_len // 2, path_len + 1)))
+            ids += words("</Path>", "\n")
+        ids += words("<Conclusion>", "\n") + fill(int(rng.integers(3, 12)))
+        ids += words("</Conclusion>", "\n", "</Parallel>")
+        ids += fill(int(rng.integers(2, 20)))
+    return ids
+
+
+def masked_case(rng, n_rows: int, n_blocks: int, path_len: int, q_len: int | None = None):
+    """Rows over structured sequences: (rows, dense masks [q_len, kv_len]).
+    A row's queries are the last ``q_len`` tokens (all of them when None)."""
+    rows, dense = [], []
+    for _ in range(n_rows):
+        ids = structured_ids(rng, n_blocks, path_len)
+        s = analyze(ids, TOKENS)
+        assert s.well_formed, s.notes
+        n = len(ids)
+        q = n if q_len is None else min(q_len, n)
+        rows.append(MaskedRow(n - q, q, tuple(s.hidden_rects())))
+        dense.append(torch.from_numpy(s.dense_mask()[n - q : n, :n].copy()))
+    return rows, dense
+
+
+def paged_cache(rng, rows, page_size, heads, head_size, dtype, device, layout, extra_blocks=3):
+    """A per-layer cache in ``layout`` (logical view returned), each row's
+    pages at random distinct blocks, and the rows' K/V as contiguous tensors."""
+    pages = [-(-r.kv_len // page_size) for r in rows]
+    num_blocks = sum(pages) + extra_blocks
+    order = LAYOUTS[layout]
+    phys_shape = [(num_blocks, heads, page_size, 2 * head_size)[i] for i in order]
+    phys = torch.randn(phys_shape, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+    phys = phys.to(dtype=dtype, device=device)
+    inverse = tuple(int(i) for i in np.argsort(order))
+    kv = phys.permute(*inverse)
+    perm = rng.permutation(num_blocks)
+    block_ids, k_rows, v_rows, at = [], [], [], 0
+    for r, p in zip(rows, pages):
+        ids = perm[at : at + p].astype(np.int32)
+        at += p
+        block_ids.append(ids)
+        blk = kv[torch.from_numpy(ids).long().to(device)]  # [p, H, N, 2D]
+        flat = blk.transpose(1, 2).reshape(p * page_size, heads, 2 * head_size)[: r.kv_len]
+        k_rows.append(flat[..., :head_size])
+        v_rows.append(flat[..., head_size:])
+    return kv, block_ids, k_rows, v_rows
+
+
+def batch_of(rows, block_ids, page_size) -> MaskedBatch:
+    offsets, at = [], 0
+    for r in rows:
+        offsets.append(at)
+        at += r.q_len
+    return MaskedBatch(rows, offsets, block_ids, page_size)
+
+
+def reference_attention(q, k, v, allowed, scale):
+    """float64 softmax attention of one row: q [q, Hq, D], k/v [kv, Hk, D]."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(rep, dim=1)
+    v = v.double().repeat_interleave(rep, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    s = s.masked_fill(~allowed.to(s.device), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v)
