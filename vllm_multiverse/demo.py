@@ -15,24 +15,41 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_multiverse.structure import EventKind, analyze
+from vllm_multiverse.structure import EventKind, StructureConfig, analyze
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny"
 
 
 def draw_tree(token_ids, prompt_len: int, tokens, tok) -> str:
-    """One line per block and Path of the output, indented by depth."""
+    """One line per block and Path of the output, each nested block under
+    the Path that holds it."""
     s = analyze(token_ids, tokens)
-    lines = []
-    forks = {e.block: e for e in s.events if e.kind is EventKind.FORK and e.index >= prompt_len}
-    for blk, ev in forks.items():
-        pad = "  " * (ev.depth - 1)
-        lines.append(f"{pad}Parallel block ({len(ev.branch_headers)} Paths)")
-        for sp in (sp for sp in s.spans if sp.block == blk):
-            text = tok.decode(token_ids[sp.start : sp.end], skip_special_tokens=True).strip()
-            first = text.splitlines()[0] if text else ""
-            lines.append(f"{pad}  +- Path {first!r}: {sp.end - sp.start} tokens")
+    forks = [e for e in s.events if e.kind is EventKind.FORK and e.index >= prompt_len]
+    lines: list[str] = []
+
+    def blocks_in(start: int, end: int, depth: int, pad: str) -> None:
+        for ev in forks:
+            if ev.depth != depth or not start <= ev.index < end:
+                continue
+            paths = [sp for sp in s.spans if sp.block == ev.block]
+            lines.append(f"{pad}Parallel block ({len(paths)} Paths)")
+            for k, sp in enumerate(paths):
+                last = k == len(paths) - 1
+                text = tok.decode(token_ids[sp.start : sp.end], skip_special_tokens=True).strip()
+                first = text.splitlines()[0] if text else ""
+                lines.append(f"{pad}{'`-' if last else '+-'} Path {first!r}: {sp.end - sp.start} tokens")
+                blocks_in(sp.start, sp.end, depth + 1, pad + ("   " if last else "|  "))
+
+    blocks_in(prompt_len, len(token_ids), 1, "")
     return "\n".join(lines) if lines else "(no Parallel block: a plain answer)"
+
+
+def parallelism(token_ids, tokens) -> float:
+    """Output tokens over critical-path tokens (a Parallel block's Paths
+    decode side by side): with the engine's positions every Path of a block
+    starts at one position and the Conclusion follows the longest."""
+    pos = analyze(token_ids, tokens, StructureConfig(positions="engine")).positions
+    return len(token_ids) / max(1, int(pos[-1] - pos[0]) + 1)
 
 
 def start_server(
@@ -121,8 +138,9 @@ def main() -> int:
             print(draw_tree(ids, 0, mv, tok))
             print(f"Answer: {answer}  ({mark})")
             same = "same tokens" if seq.choices[0].message.content == text else "DIFFERENT tokens"
-            print(f"{par.usage.completion_tokens} tokens: parallel {t_par:.2f} s, sequential {t_seq:.2f} s "
-                  f"({t_seq / t_par:.2f}x, {same})")
+            print(f"{par.usage.completion_tokens} tokens, degree of parallelism {parallelism(ids, mv):.2f} "
+                  f"(output tokens / critical-path tokens); parallel {t_par:.2f} s, sequential {t_seq:.2f} s: "
+                  f"measured speedup {t_seq / t_par:.2f}x ({same})")
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -49,8 +49,23 @@ def scheduler_totals(stats: Mapping[str, int], paths_per_fork: Mapping[int, int]
     return totals
 
 
+def _metric_classes():
+    """prometheus_client's Counter and Histogram, or inside a Ray process
+    (a Ray Serve replica) vLLM's wrappers of Ray's metrics with the same API,
+    which Ray exports (``ray start --metrics-export-port``) as
+    ``ray_multiverse_*``, as Ray Serve LLM does for ``vllm:*``."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        from vllm.v1.metrics.ray_wrappers import RayCounterWrapper, RayHistogramWrapper
+
+        return RayCounterWrapper, RayHistogramWrapper
+    return Counter, Histogram
+
+
 class MultiverseStatLogger(AggregateStatLoggerBase):
-    """Exports the scheduler's totals as ``multiverse:*`` Prometheus metrics.
+    """Exports the scheduler's totals as ``multiverse:*`` metrics.
 
     The names are not ``vllm:*`` because vLLM's Prometheus logger, built
     after this one, unregisters every ``vllm:*`` collector it finds.
@@ -64,22 +79,24 @@ class MultiverseStatLogger(AggregateStatLoggerBase):
         self._last: dict[int, dict[str, int]] = {}
         if not self.enabled:
             return
-        _unregister_ours()
+        counter, histogram = _metric_classes()
+        if counter is Counter:
+            _unregister_ours()
         labels = ["model_name", "engine"]
         self._model_name = vllm_config.model_config.served_model_name
-        self.forks = Counter(
+        self.forks = counter(
             "multiverse:forks", "Parallel blocks split into branch requests (fallbacks included).", labels
         )
-        self.merges = Counter("multiverse:merges", "Parallel blocks merged back into their request.", labels)
-        self.paths_per_fork = Histogram(
-            "multiverse:paths_per_fork", "Paths of each forked Parallel block.", labels, buckets=PATHS_BUCKETS
+        self.merges = counter("multiverse:merges", "Parallel blocks merged back into their request.", labels)
+        self.paths_per_fork = histogram(
+            "multiverse:paths_per_fork", "Paths of each forked Parallel block.", labels, buckets=list(PATHS_BUCKETS)
         )
-        self.fallbacks = Counter(
+        self.fallbacks = counter(
             "multiverse:fallbacks",
             "Forks whose Paths ran one at a time: caps (--multiverse-max-*) or kv_cache (KV exhausted).",
             [*labels, "reason"],
         )
-        self.parallel_tokens = Counter(
+        self.parallel_tokens = counter(
             "multiverse:parallel_tokens", "Tokens sampled by branches decoding beside their siblings.", labels
         )
         for idx in self.engine_indexes:  # every series exists from the start, at 0

@@ -18,7 +18,7 @@ from dataclasses import replace
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.log import init_logger
 from vllm_multiverse.model_config import PartialTags, derive_declaration, describe, read_multiverse_config
-from vllm_multiverse.vllm032 import check_vllm_version
+from vllm_multiverse.vllm032 import check_ray_serve, check_vllm_version
 from vllm_multiverse.vllm032.validate import refuse, validate
 
 logger = init_logger(__name__)
@@ -89,6 +89,7 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
     model_config = vllm_config.model_config
     model = model_config.model
     check_vllm_version()
+    check_ray_serve()
     validate(vllm_config, engine_args)
     _drop_history_defaults(model_config)
     sched = vllm_config.scheduler_config
