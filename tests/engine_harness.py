@@ -31,6 +31,19 @@ def held_out_prompts(n: int) -> list[list[int]]:
     return [tok.encode(chat_prompt(tok, t.prompt()), add_special_tokens=False) for t in held_out_tasks(n)]
 
 
+def user_texts(n: int) -> list[str]:
+    """The first ``n`` held-out task prompts, as a user writes them."""
+    from vllm_multiverse.training.train import held_out_tasks
+
+    return [t.prompt() for t in held_out_tasks(max(16, n))[:n]]
+
+
+def openai_client(base: str, timeout: float = 600):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="none", timeout=timeout)
+
+
 @functools.lru_cache(maxsize=None)
 def reference_output(prompt: tuple[int, ...], max_tokens: int) -> tuple[list[int], str]:
     out = reference().generate(list(prompt), max_tokens=max_tokens)

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import in_process_llm
+from engine_harness import openai_client, user_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "ray-serve-tiny.yaml"
@@ -127,21 +128,13 @@ def serve_app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(serve_app):
-    from openai import OpenAI
-
-    return OpenAI(base_url=serve_app["base"] + "/v1", api_key="none", timeout=900)
+    return openai_client(serve_app["base"], timeout=900)
 
 
 @pytest.fixture(scope="module")
 def single_engine(tiny_model_dir, serve_app):
     with in_process_llm(tiny_model_dir) as llm:
         yield llm
-
-
-def _user_texts(n):
-    from vllm_multiverse.training.train import held_out_tasks
-
-    return [t.prompt() for t in held_out_tasks(32)[:n]]
 
 
 def test_serve_equals_a_single_engine(client, single_engine, serve_app):
@@ -151,7 +144,7 @@ def test_serve_equals_a_single_engine(client, single_engine, serve_app):
     from vllm_multiverse.training.train import chat_prompt
 
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **RAW)
-    texts = _user_texts(16)
+    texts = user_texts(16)
     want_chat = single_engine.chat([[{"role": "user", "content": t}] for t in texts], greedy, use_tqdm=False)
     prompts = [chat_prompt(tokenizer(), t) for t in texts[:2]]
     want_completion = single_engine.generate(prompts, greedy, use_tqdm=False)
@@ -198,7 +191,7 @@ def _series(text: str, name: str) -> dict[str, float]:
 def test_both_replicas_served_and_counters_are_exported(client, serve_app):
     # After test_serve_equals_a_single_engine's 20 requests (run alone:
     # send some here). Ray exports metrics every few seconds.
-    for t in _user_texts(8):
+    for t in user_texts(8):
         client.chat.completions.create(model="multiverse-tiny", messages=[{"role": "user", "content": t}],
                                        temperature=0, max_tokens=MAX_TOKENS)
     t0 = time.time()

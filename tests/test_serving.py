@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from conftest import TINY_MODEL, environ, in_process_llm
-from engine_harness import tokenizer
+from engine_harness import openai_client, tokenizer, user_texts
 
 MAX_TOKENS = 1500
 RAW = {"skip_special_tokens": False}  # the full structure, tags included
@@ -35,21 +35,13 @@ def server(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server["base"] + "/v1", api_key="none", timeout=600)
+    return openai_client(server["base"], timeout=600)
 
 
 @pytest.fixture(scope="module")
 def offline(tiny_model_dir, server):
     with in_process_llm(tiny_model_dir) as llm:
         yield llm
-
-
-def _user_texts(n):
-    from vllm_multiverse.training.train import held_out_tasks
-
-    return [t.prompt() for t in held_out_tasks(16)[:n]]
 
 
 def _chat_prompt(text):
@@ -61,7 +53,7 @@ def _chat_prompt(text):
 def test_completions_equal_offline_outputs(client, offline):
     from vllm import SamplingParams
 
-    texts = [_chat_prompt(t) for t in _user_texts(3)]
+    texts = [_chat_prompt(t) for t in user_texts(3)]
     want = offline.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **RAW), use_tqdm=False)
     for text, w in zip(texts, want):
         got = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0,
@@ -80,7 +72,7 @@ def test_completions_equal_offline_outputs(client, offline):
 def test_chat_equals_offline_chat_and_hides_tags_by_default(client, offline):
     from vllm import SamplingParams
 
-    for text in _user_texts(2):
+    for text in user_texts(2):
         messages = [{"role": "user", "content": text}]
         want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
         got = client.chat.completions.create(model=str(TINY_MODEL), messages=messages, temperature=0,
@@ -93,7 +85,7 @@ def test_chat_equals_offline_chat_and_hides_tags_by_default(client, offline):
 
 
 def test_n_stop_max_tokens_and_logprobs(client):
-    text = _chat_prompt(_user_texts(1)[0])
+    text = _chat_prompt(user_texts(1)[0])
     full = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=MAX_TOKENS,
                                      extra_body=RAW).choices[0].text
     cut = client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0, max_tokens=40,
@@ -120,7 +112,7 @@ def test_32_concurrent_streams_complete(server):
     from transformers import AutoConfig
 
     mv = read_multiverse_config(AutoConfig.from_pretrained(TINY_MODEL)).tokens
-    texts = [_chat_prompt(t) for t in _user_texts(16)] * 2
+    texts = [_chat_prompt(t) for t in user_texts(16)] * 2
 
     async def one(client, text):
         stream = await client.completions.create(model=str(TINY_MODEL), prompt=text, temperature=0,
@@ -147,7 +139,7 @@ def test_32_concurrent_streams_complete(server):
 def test_bad_requests_get_errors_and_the_server_keeps_serving(client, server):
     import openai
 
-    text = _chat_prompt(_user_texts(1)[0])
+    text = _chat_prompt(user_texts(1)[0])
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=str(TINY_MODEL), prompt="1 " * 5000, max_tokens=10)
     with pytest.raises(openai.BadRequestError):
@@ -229,7 +221,7 @@ def test_what_cannot_be_served_exactly_is_a_400_not_a_hang(client):
 
     import openai
 
-    messages = [{"role": "user", "content": _user_texts(1)[0]}]
+    messages = [{"role": "user", "content": user_texts(1)[0]}]
     for extra in ({"structured_outputs": {"regex": "[\\s\\S]*"}}, {"repetition_penalty": 1.1}, {"min_tokens": 3}):
         t0 = time.monotonic()
         with pytest.raises(openai.BadRequestError, match="Multiverse engine does not support"):
@@ -285,7 +277,7 @@ def _post(base, path):
 def test_pause_wait_drains_forks_in_flight(server, client, offline):
     from vllm import SamplingParams
 
-    texts = [_chat_prompt(t) for t in _user_texts(4)]
+    texts = [_chat_prompt(t) for t in user_texts(4)]
     threads, results = _streams_in_flight(server, texts)
     assert _post(server["base"], "/pause?mode=wait&clear_cache=false") == (200, {"status": "paused"})
     for t in threads:
@@ -304,7 +296,7 @@ def test_pause_abort_with_forks_in_flight_frees_everything(server, client):
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    texts = [_chat_prompt(t) for t in _user_texts(6)]
+    texts = [_chat_prompt(t) for t in user_texts(6)]
     threads, results = _streams_in_flight(server, texts)
     # Aborts them all, then resets the prefix cache: that fails if any block is still held.
     assert _post(server["base"], "/pause?mode=abort") == (200, {"status": "paused"})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from vllm_multiverse.structure import MultiverseTokens, StructureConfig, StructureState
@@ -188,6 +188,27 @@ class MultiverseState:
         n1, total = self.merged_lengths(fork)
         B = self.blocks.block_size
         return max(0, cdiv(total, B) - cdiv(n1, B))
+
+    def live_text(self, root: str, all_tokens: Callable[[str], Sequence[int]]) -> list[int]:
+        """The text after ``root``'s own tokens that text order has decided
+        while its fork decodes: Path 1 (first in text order, with its
+        header) as far as it has been decoded, and inside it, Path 1 of
+        Path 1's own fork, and so on. ``all_tokens``: a running branch's
+        tokens, its prompt included. What follows Path 1 is decided at the
+        merge."""
+        out: list[int] = []
+        fork = self.forks.get(root)
+        while fork is not None:
+            result = fork.results.get(0)
+            if result is not None:
+                out += result.tokens
+                break
+            branch = fork.running.get(0)
+            if branch is None:
+                break
+            out += all_tokens(branch)[fork.prefix_len :]
+            fork = self.forks.get(branch)
+        return out
 
     def merge(self, fork: Fork) -> Merge:
         """Merge a fork whose text is decided (its blocks, when it goes on,

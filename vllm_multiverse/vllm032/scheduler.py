@@ -12,9 +12,12 @@ vLLM did and apply what it decides to vLLM's queues and requests:
 - a branch ends one step after its Path's tail token (that step computes
   the tail's KV; the token it samples is dropped), its blocks stashed by the
   tree until the merge;
+- live text: while a client request's fork decodes, Path 1 (first in text
+  order) reaches the client as it is sampled, nested Path 1s too;
 - merge: the text in order, cut where sequential decoding would stop; the
   parent adopts branch 1's blocks, Paths 2..N are copied after them, the
-  Conclusion header follows and the parent resumes;
+  Conclusion header follows and the parent resumes; the client gets what
+  it has not been sent yet;
 - sequential decoding (per request or engine option): no fork; the engine
   writes the control tokens into the one sequence and the attention backend
   masks the Paths from each other.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import time
 
+from vllm.sampling_params import SamplingType
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.sched.utils import check_stop
@@ -33,8 +37,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.log import init_logger
 from vllm_multiverse.model_config import read_multiverse_config
-from vllm_multiverse.tree import Act, Finish, MultiverseState, StopRule, Track, is_branch
-from vllm_multiverse.tree import pressure
+from vllm_multiverse.tree import Act, Finish, MultiverseState, StopRule, Track, is_branch, pressure
 from vllm_multiverse.tree.fork import branch_seed
 from vllm_multiverse.vllm032 import check_vllm_version, metrics
 from vllm_multiverse.vllm032.kv import VllmBlocks, check_kv_cache_config
@@ -81,6 +84,8 @@ class MultiverseScheduler(Scheduler):
         self._extra_outputs: list[tuple[int, object]] = []
         self._written: dict[str, int] = {}  # request -> sampled tokens before the written ones
         self._step_logprobs = None  # (LogprobsLists, req_id_to_index) of the step
+        # Client request -> tokens of its open fork's text already sent (live).
+        self._live_sent: dict[str, int] = {}
         logger.info("Multiverse scheduler: %s, positions=%s", self.mv_config, structure.positions)
 
     # -- request intake -----------------------------------------------------
@@ -154,6 +159,7 @@ class MultiverseScheduler(Scheduler):
         self.mv.launch_pending(self._start_branch)
         for fork in self.mv.ready_to_merge():
             self._merge(fork)
+        self._send_live_text(outputs)
         # Branch requests are the engine's own: the client never sees them.
         for eco in outputs.values():
             if eco.outputs:
@@ -367,7 +373,37 @@ class MultiverseScheduler(Scheduler):
         stats = parent.take_prefill_stats()
         if stats is not None:
             stats.finalize(self.kv_cache_manager.estimate_cached_tokens(parent))
-        self._extra_outputs.append((parent.client_index, merged_output(parent, cut.tokens, cut.rows, finished, stats)))
+        sent = self._live_sent.pop(parent.request_id, 0)
+        tokens, rows = cut.tokens[sent:], None if cut.rows is None else cut.rows[sent:]
+        self._extra_outputs.append((parent.client_index, merged_output(parent, tokens, rows, finished, stats)))
+
+    # -- live text ----------------------------------------------------------
+
+    @staticmethod
+    def _streams_live(request: Request) -> bool:
+        """Text sent before its merge must never change: a Path decoded again
+        (after a preemption or a roll-back) must give the same tokens, which
+        greedy or seeded sampling does. Logprob rows go out with the merge."""
+        sp = request.sampling_params
+        return sp.logprobs is None and (sp.sampling_type == SamplingType.GREEDY or sp.seed is not None)
+
+    def _send_live_text(self, outputs) -> None:
+        for parent, fork in list(self.mv.forks.items()):
+            request = self.requests.get(parent)
+            if request is None or self.mv.tracks[parent].fork is not None or not self._streams_live(request):
+                continue
+            live = self.mv.live_text(parent, lambda b: self.requests[b].all_token_ids)
+            sent = self._live_sent.get(parent, 0)
+            if len(live) <= sent:
+                continue
+            self._live_sent[parent] = len(live)
+            new = list(live[sent:])
+            step = outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs
+            own = next((o for o in step if o.request_id == parent), None)
+            if own is not None:  # it forked this step: its own tokens come first
+                own.new_token_ids = list(own.new_token_ids) + new
+            else:
+                step.append(merged_output(request, new, None, False, None))
 
     # -- preemption, counts, stats ------------------------------------------
 
@@ -414,6 +450,7 @@ class MultiverseScheduler(Scheduler):
         if request_ids is None:
             for rid in self.mv.clear():
                 self.waiting.add_request(self.requests[rid])  # where vLLM looks for it
+            self._live_sent.clear()
             done = super().finish_requests(None, finished_status)
         else:
             ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
@@ -421,4 +458,6 @@ class MultiverseScheduler(Scheduler):
                 self.waiting.add_request(self.requests[rid])
             # A parent takes its whole tree of branches with it.
             done = super().finish_requests(self.mv.abort(ids), finished_status)
+            for rid in ids:
+                self._live_sent.pop(rid, None)
         return [r for r in done if not is_branch(r.request_id)]
