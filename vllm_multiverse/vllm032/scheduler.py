@@ -370,12 +370,16 @@ class MultiverseScheduler(Scheduler):
     def _emit(self, parent: Request, cut, finished: bool) -> None:
         if self.mv.tracks[parent.request_id].fork is not None:
             return  # a branch: its text reaches the client with its own fork's merge
-        stats = parent.take_prefill_stats()
-        if stats is not None:
-            stats.finalize(self.kv_cache_manager.estimate_cached_tokens(parent))
         sent = self._live_sent.pop(parent.request_id, 0)
         tokens, rows = cut.tokens[sent:], None if cut.rows is None else cut.rows[sent:]
-        self._extra_outputs.append((parent.client_index, merged_output(parent, tokens, rows, finished, stats)))
+        output = merged_output(parent, tokens, rows, finished, self._prefill_stats(parent))
+        self._extra_outputs.append((parent.client_index, output))
+
+    def _prefill_stats(self, request: Request):
+        stats = request.take_prefill_stats()
+        if stats is not None:
+            stats.finalize(self.kv_cache_manager.estimate_cached_tokens(request))
+        return stats
 
     # -- live text ----------------------------------------------------------
 
@@ -403,7 +407,7 @@ class MultiverseScheduler(Scheduler):
             if own is not None:  # it forked this step: its own tokens come first
                 own.new_token_ids = list(own.new_token_ids) + new
             else:
-                step.append(merged_output(request, new, None, False, None))
+                step.append(merged_output(request, new, None, False, self._prefill_stats(request)))
 
     # -- preemption, counts, stats ------------------------------------------
 
