@@ -67,6 +67,11 @@ def _ray_processes() -> list[str]:
     return [line for line in out.splitlines() if re.search(r"raylet|gcs_server|ray::|dashboard_agent|VLLM::", line)]
 
 
+def _engines_of_ray(before: list[str]) -> list[str]:
+    """Ray's processes, and vLLM engine processes that were not there before."""
+    return [p for p in _ray_processes() if "VLLM::" not in p or p not in before]
+
+
 def _get(url: str, timeout: float = 5) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
@@ -74,8 +79,9 @@ def _get(url: str, timeout: float = 5) -> str:
 
 @pytest.fixture(scope="module")
 def serve_app(tmp_path_factory):
-    if _ray_processes():
-        pytest.fail("a Ray cluster is already running on this machine: " + _ray_processes()[0])
+    before = _ray_processes()
+    if any("VLLM::" not in p for p in before):
+        pytest.fail("a Ray cluster is already running on this machine: " + before[0])
     log_dir = tmp_path_factory.mktemp("ray")
     gcs, metrics = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING", "RAY_ADDRESS")}
@@ -120,10 +126,10 @@ def serve_app(tmp_path_factory):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
         serve_log.close()
         t0 = time.time()
-        while _ray_processes() and time.time() - t0 < 60:
+        while _engines_of_ray(before) and time.time() - t0 < 60:
             time.sleep(1)
-        # Nothing of Ray left behind.
-        assert not _ray_processes(), _ray_processes()
+        # Nothing of Ray, and none of the replicas' engines, left behind.
+        assert not _engines_of_ray(before), _engines_of_ray(before)
 
 
 @pytest.fixture(scope="module")
