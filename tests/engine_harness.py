@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from conftest import TINY_MODEL
@@ -62,6 +63,27 @@ def greedy(max_tokens=MAX_TOKENS, **kw):
     from vllm import SamplingParams
 
     return SamplingParams(**({"temperature": 0.0, "max_tokens": max_tokens, "skip_special_tokens": False} | kw))
+
+
+@contextlib.contextmanager
+def final_tokens(sched):
+    """Client request id -> its output tokens as the engine's own request
+    holds them when it is freed (what the client must have been sent)."""
+    from vllm_multiverse.tree import is_branch
+
+    final: dict[str, list[int]] = {}
+    free = sched._free_request
+
+    def record(request, *args, **kwargs):
+        if not is_branch(request.request_id):
+            final[request.request_id] = list(request.output_token_ids)
+        return free(request, *args, **kwargs)
+
+    sched._free_request = record
+    try:
+        yield final
+    finally:
+        del sched._free_request
 
 
 def step_until(llm, predicate, limit=3000):

@@ -7,7 +7,7 @@ import pytest
 from vllm_multiverse.training.train import chat_prompt
 
 from conftest import in_process_llm
-from engine_harness import greedy, held_out_prompts, reference_output, scheduler, step_until, tokenizer
+from engine_harness import final_tokens, greedy, held_out_prompts, reference_output, scheduler, step_until, tokenizer
 
 # 23 blocks of 128 tokens: one 2,048-token request fits, a batch of forks does not.
 KV_BYTES = 12 * 2**20
@@ -40,14 +40,40 @@ def test_prefix_caching_off_means_no_cache_reads(llm):
 
 
 def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
+    """Greedy requests equal the reference. Sampled ones (unseeded, with
+    logprobs) get exactly the engine's own text, though trees whose live
+    text was already sent are preempted and their Paths decoded again."""
     sched = scheduler(llm)
     stats0 = dict(sched.mv.stats)
-    prompts = held_out_prompts(24)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    prompts = held_out_prompts(16)
+    sampled = set(range(1, len(prompts), 3))
+    params = [greedy(temperature=2.0, logprobs=1) if i in sampled else greedy() for i in range(len(prompts))]
+    preempted_live = []
+    preempt = sched._preempt_tree
+
+    def record(root):
+        if sched._live_sent.get(root):
+            preempted_live.append(root.rsplit("-", 1)[0])
+        return preempt(root)
+
+    sched._preempt_tree = record
+    try:
+        with final_tokens(sched) as final:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        del sched._preempt_tree
     assert sched.mv.stats["preemptions"] > stats0["preemptions"]
     assert sched.mv.stats["merges"] > stats0["merges"]
-    for p, o in zip(prompts, outs):
-        assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
+    engine_text = {rid.rsplit("-", 1)[0]: tokens for rid, tokens in final.items()}
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        out = o.outputs[0]
+        if i in sampled:
+            assert list(out.token_ids) == engine_text[o.request_id]
+            assert len(out.logprobs) == len(out.token_ids)
+            assert all(t in lp for t, lp in zip(out.token_ids, out.logprobs))
+        else:
+            assert list(out.token_ids) == reference_output(tuple(p), 1500)[0]
+    assert {outs[i].request_id for i in sampled} & set(preempted_live), preempted_live
     assert _idle(llm)
 
 

@@ -2,15 +2,15 @@
 stepped by hand with delta outputs, on held-out block prompts (nested
 blocks included). Every token sent is final (the whole equals the
 reference), Path 1's tokens come a step at a time from within two steps of
-the fork, and a request whose Paths could decode differently when run
-again (unseeded sampling) or that asks for logprobs gets each block whole
-at its merge."""
+the fork, logprob rows come with their tokens, and unseeded sampled
+requests stream live too (their Paths are seeded, so a Path decoded again
+repeats what was sent)."""
 
 import pytest
 from vllm.sampling_params import RequestOutputKind
 
 from conftest import in_process_llm
-from engine_harness import greedy, held_out_prompts, reference_output, scheduler
+from engine_harness import final_tokens, greedy, held_out_prompts, reference_output, scheduler
 from vllm_multiverse.structure import EventKind, analyze
 from vllm_multiverse.tree import is_branch
 
@@ -97,17 +97,75 @@ def test_path_1_streams_live_and_nothing_sent_changes(llm):
         assert at[-1] <= max(open_steps) + 1
 
 
-@pytest.mark.parametrize("kind", ["unseeded", "logprobs"])
-def test_blocks_arrive_whole_where_live_text_could_change(llm, kind):
+def _chunks_while_open(steps) -> int:
+    """Steps after the one that forked that sent text while a fork was open."""
+    first = next(j for j, (_, open_) in enumerate(steps) if open_)
+    return sum(1 for got, open_ in steps[first + 1 :] if open_ and got)
+
+
+def test_logprobs_stream_live_with_their_rows(llm):
+    from engine_harness import reference
+
     prompt = _block_prompts()[0]
-    if kind == "unseeded":
-        params = greedy(temperature=0.8, output_kind=RequestOutputKind.DELTA)
-    else:
-        params = greedy(logprobs=2, output_kind=RequestOutputKind.DELTA)
-    steps = _run(llm, f"whole-{kind}", prompt, params)
-    during = [got for got, open_ in steps[1:] if open_]
-    # While the fork is open nothing goes out but the step that forked.
-    assert all(not got for got in during[1:]), [len(g) for g in during]
-    if kind == "logprobs":
-        ref, _ = reference_output(tuple(prompt), 1500)
-        assert [t for got, _ in steps for t in got] == list(ref)
+    want = reference().generate(list(prompt), max_tokens=1500)
+    engine = llm.llm_engine
+    engine.add_request("live-lp", {"prompt_token_ids": prompt}, greedy(logprobs=2, output_kind=RequestOutputKind.DELTA))
+    steps, tokens, logprobs, done = [], [], [], False
+    sched = scheduler(llm)
+    while not done:
+        got = []
+        for out in engine.step():
+            if out.request_id == "live-lp":
+                got += out.outputs[0].token_ids
+                logprobs += out.outputs[0].logprobs or []
+                done = out.finished
+        tokens += got
+        steps.append((got, any(k.startswith("live-lp") for k in sched.mv.forks)))
+    assert _chunks_while_open(steps) > 40
+    assert tokens == want.token_ids and len(logprobs) == len(tokens)
+    for tok, got, written, ref_lp in zip(tokens, logprobs, want.written, want.logprobs):
+        if written:
+            assert list(got) == [tok] and got[tok].logprob == 0.0
+        else:
+            assert got[tok].rank == 1 and got[tok].logprob == pytest.approx(ref_lp, abs=1e-3)
+
+
+def test_unseeded_sampling_streams_live_and_sends_the_engine_text(llm):
+    """An unseeded sampled request's Paths are seeded from a seed drawn for
+    it: its live text is what the engine's own request holds at the end."""
+    with final_tokens(scheduler(llm)) as final:
+        for i, prompt in enumerate(_block_prompts()[:2]):
+            steps = _run(llm, f"hot-{i}", prompt, greedy(temperature=0.8, output_kind=RequestOutputKind.DELTA))
+            assert _chunks_while_open(steps) > 20
+            (rid,) = [r for r in final if r.startswith(f"hot-{i}")]
+            assert [t for got, _ in steps for t in got] == final[rid]
+
+
+def test_paths_seed_is_drawn_for_unseeded_sampling():
+    from vllm import SamplingParams
+
+    from vllm_multiverse.vllm032.scheduler import _paths_seed
+
+    assert _paths_seed(SamplingParams(temperature=0.0)) is None
+    assert _paths_seed(SamplingParams(temperature=0.8, seed=5)) == 5
+    drawn = {_paths_seed(SamplingParams(temperature=0.8)) for _ in range(8)}
+    assert len(drawn) == 8 and all(0 <= s < 2**63 for s in drawn)
+
+
+def test_seeded_request_in_a_partial_prefill_beside_others(llm):
+    """vLLM's CPU runner cannot move a CPU generator back after a partial
+    prefill's discarded sample, and every sampled branch is seeded: a seeded
+    request chunked beside another samples as it does alone."""
+    from vllm import SamplingParams
+
+    long = [t for p in held_out_prompts(40) for t in p][:1800]
+    sched_cfg = llm.llm_engine.vllm_config.scheduler_config
+    # The third prompt does not fit the first step's token budget.
+    assert sched_cfg.enable_chunked_prefill and sched_cfg.max_num_batched_tokens < 3 * len(long)
+    sp = SamplingParams(temperature=0.8, seed=11, max_tokens=24, skip_special_tokens=False)
+    prompts = [long[::-1], long[1:], long]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    assert outs[2].num_cached_tokens < 1024  # computed in the batch, not read from the cache
+    # Alone, it reads its KV from the prefix cache: the same draws follow.
+    alone = llm.generate([{"prompt_token_ids": long}], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert list(outs[2].outputs[0].token_ids) == list(alone)

@@ -174,3 +174,17 @@ def test_clear_releases_every_fork_stash_and_copy():
     engine.abort_all()
     assert not engine.reqs and not engine.mv.leftovers() and not engine.mv.held_blocks()
     assert len(engine.pool.free) == len(engine.pool.blocks)
+
+
+def test_a_merge_that_preempts_another_tree_skips_that_fork():
+    """Making room for one merge may preempt another tree whose fork was
+    ready in the same step: that fork is gone, not merged."""
+    engine, _ = _two_requests()
+    _until(engine, lambda: {"a", "b"} <= set(engine.mv.forks))
+    for fork in engine.mv.forks.values():
+        fork.merging = True  # both ready in one step
+    merged = []
+    for fork in engine.mv.ready_to_merge():
+        merged.append(fork.parent)
+        engine.preempt_tree(({"a", "b"} - {fork.parent}).pop())
+    assert len(merged) == 1

@@ -31,6 +31,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _rows_from(kept: list | None, n: int, skip: int) -> list:
+    """Rows of a branch's last ``n`` tokens from ``skip`` on: its kept rows
+    are those of its last tokens (it wrote its header, no rows)."""
+    if kept is None or len(kept) > n:
+        return [None] * (n - skip)
+    pad = n - len(kept)
+    return [None] * max(0, pad - skip) + kept[max(0, skip - pad) :]
+
+
 @dataclass(frozen=True)
 class Merge:
     cut: Cut
@@ -55,13 +64,22 @@ class MultiverseState:
 
     # -- requests ------------------------------------------------------------
 
-    def add(self, request_id: str, prompt: Sequence[int], *, sequential: bool, client: str | None = None) -> Track:
+    def add(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        sequential: bool,
+        client: str | None = None,
+        seed: int | None = None,
+    ) -> Track:
         track = Track(
             StructureState(self.tokens, self.structure),
             root=request_id,
             client=client or request_id,
             order=next(self._order),
             sequential=sequential,
+            seed=seed,
         )
         track.extend(prompt)
         track.arm()
@@ -169,7 +187,9 @@ class MultiverseState:
         while todo := [f for f in self.forks.values() if f.merging and id(f) not in tried]:
             for fork in todo:
                 tried.add(id(fork))
-                yield fork
+                # A merge before it may have preempted its tree to make room.
+                if fork.merging and self.forks.get(fork.parent) is fork:
+                    yield fork
 
     def cut(self, fork: Fork) -> Cut:
         cut = text_in_order(fork, fork.rule, self.tokens.conclusion_header)
@@ -189,26 +209,40 @@ class MultiverseState:
         B = self.blocks.block_size
         return max(0, cdiv(total, B) - cdiv(n1, B))
 
-    def live_text(self, root: str, all_tokens: Callable[[str], Sequence[int]]) -> list[int]:
+    def live_text(
+        self, root: str, all_tokens: Callable[[str], Sequence[int]], sent: int = 0
+    ) -> tuple[list[int], list | None]:
         """The text after ``root``'s own tokens that text order has decided
-        while its fork decodes: Path 1 (first in text order, with its
-        header) as far as it has been decoded, and inside it, Path 1 of
-        Path 1's own fork, and so on. ``all_tokens``: a running branch's
-        tokens, its prompt included. What follows Path 1 is decided at the
-        merge."""
-        out: list[int] = []
+        while its fork decodes, from token ``sent`` of it on, with its
+        logprob rows if the fork keeps them (None where the engine wrote
+        the token): Path 1 (first in text order, with its header) as far as
+        it has been decoded, and inside it, Path 1 of Path 1's own fork, and
+        so on. ``all_tokens``: a running branch's tokens, its prompt
+        included. What follows Path 1 is decided at the merge."""
         fork = self.forks.get(root)
+        tokens: list[int] = []
+        rows: list | None = [] if fork is not None and fork.keep_rows else None
+        offset = 0  # where the current level's text starts in the live text
         while fork is not None:
             result = fork.results.get(0)
             if result is not None:
-                out += result.tokens
+                skip = max(0, sent - offset)
+                tokens += result.tokens[skip:]
+                if rows is not None:
+                    rows += result.rows[skip:] if result.rows is not None else [None] * len(result.tokens[skip:])
                 break
             branch = fork.running.get(0)
             if branch is None:
                 break
-            out += all_tokens(branch)[fork.prefix_len :]
+            text = all_tokens(branch)
+            n = len(text) - fork.prefix_len
+            skip = min(n, max(0, sent - offset))
+            tokens += text[fork.prefix_len + skip :]
+            if rows is not None:
+                rows += _rows_from(self.tracks[branch].rows, n, skip)
+            offset += n
             fork = self.forks.get(branch)
-        return out
+        return tokens, rows
 
     def merge(self, fork: Fork) -> Merge:
         """Merge a fork whose text is decided (its blocks, when it goes on,

@@ -8,13 +8,10 @@ import itertools
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from vllm_multiverse.structure import Event, EventKind, StructureState
+from vllm_multiverse.tree.fork import Fork, branch_seed
 from vllm_multiverse.tree.masks import Hidden, Rect, rects_for
-
-if TYPE_CHECKING:
-    from vllm_multiverse.tree.fork import Fork
 
 
 class Act(enum.Enum):
@@ -32,6 +29,9 @@ class Track:
     client: str  # the client request it serves (n > 1 siblings share one)
     order: int = 0  # admission order, for ties between equal arrival times
     sequential: bool = False  # Paths one after another in this sequence
+    # What its branches' seeds derive from (None: greedy): a Path run again
+    # after a preemption or a roll-back samples the same text.
+    seed: int | None = None
     fork: Fork | None = None  # the fork this branch belongs to
     index: int = 0  # its Path in that fork
     positions: array = field(default_factory=lambda: array("q"))
@@ -107,6 +107,7 @@ class Track:
             hidden=dict(self.hidden),
             written=bytearray(self.written),
             rows=[] if fork.keep_rows else None,
+            seed=None if self.seed is None else branch_seed(self.seed, fork.block_uid, index),
         )
         for tok in header:
             child.append(tok, written=True)

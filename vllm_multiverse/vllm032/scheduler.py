@@ -13,7 +13,9 @@ vLLM did and apply what it decides to vLLM's queues and requests:
   the tail's KV; the token it samples is dropped), its blocks stashed by the
   tree until the merge;
 - live text: while a client request's fork decodes, Path 1 (first in text
-  order) reaches the client as it is sampled, nested Path 1s too;
+  order) reaches the client as it is sampled, nested Path 1s too, with its
+  logprob rows; sampled requests without a seed get one, so that a Path
+  decoded again repeats what was sent;
 - merge: the text in order, cut where sequential decoding would stop; the
   parent adopts branch 1's blocks, Paths 2..N are copied after them, the
   Conclusion header follows and the parent resumes; the client gets what
@@ -25,9 +27,10 @@ vLLM did and apply what it decides to vLLM's queues and requests:
 
 from __future__ import annotations
 
+import random
 import time
 
-from vllm.sampling_params import SamplingType
+from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.sched.utils import check_stop
@@ -64,6 +67,16 @@ def _flag(value) -> bool:
     return bool(value)
 
 
+def _paths_seed(sp: SamplingParams) -> int | None:
+    """What a request's branch seeds derive from. An unseeded sampled
+    request gets one drawn here: its Paths then sample as randomly as it
+    would, and a Path decoded again (after a preemption or a roll-back)
+    repeats the text already streamed."""
+    if sp.sampling_type == SamplingType.GREEDY:
+        return None
+    return sp.seed if sp.seed is not None else random.getrandbits(63)
+
+
 class MultiverseScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         check_vllm_version()
@@ -98,6 +111,7 @@ class MultiverseScheduler(Scheduler):
                 request.prompt_token_ids or [],
                 sequential=_flag(extra.get(SEQUENTIAL_ARG, self.mv_config.sequential)),
                 client=extra.get(CLIENT_ARG),
+                seed=_paths_seed(request.sampling_params),
             )
         if not self.mv_config.prefix_caching:
             request.skip_reading_prefix_cache = True
@@ -249,8 +263,9 @@ class MultiverseScheduler(Scheduler):
         sp = parent.sampling_params.clone()
         sp.max_tokens = max(1, fork.rule.budget - len(header))
         sp.prompt_logprobs = None
-        if sp.seed is not None:
-            sp.seed = branch_seed(sp.seed, fork.block_uid, k)
+        seed = self.mv.tracks[fork.parent].seed
+        if seed is not None:
+            sp.seed = branch_seed(seed, fork.block_uid, k)
         child = Request(
             branch_id,
             list(parent.all_token_ids) + list(header),
@@ -383,31 +398,27 @@ class MultiverseScheduler(Scheduler):
 
     # -- live text ----------------------------------------------------------
 
-    @staticmethod
-    def _streams_live(request: Request) -> bool:
-        """Text sent before its merge must never change: a Path decoded again
-        (after a preemption or a roll-back) must give the same tokens, which
-        greedy or seeded sampling does. Logprob rows go out with the merge."""
-        sp = request.sampling_params
-        return sp.logprobs is None and (sp.sampling_type == SamplingType.GREEDY or sp.seed is not None)
-
     def _send_live_text(self, outputs) -> None:
-        for parent, fork in list(self.mv.forks.items()):
+        for parent in list(self.mv.forks):
             request = self.requests.get(parent)
-            if request is None or self.mv.tracks[parent].fork is not None or not self._streams_live(request):
-                continue
-            live = self.mv.live_text(parent, lambda b: self.requests[b].all_token_ids)
+            if request is None or self.mv.tracks[parent].fork is not None:
+                continue  # a branch's text is its client's live text
             sent = self._live_sent.get(parent, 0)
-            if len(live) <= sent:
+            new, rows = self.mv.live_text(parent, lambda b: self.requests[b].all_token_ids, sent)
+            if not new:
                 continue
-            self._live_sent[parent] = len(live)
-            new = list(live[sent:])
+            self._live_sent[parent] = sent + len(new)
             step = outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs
             own = next((o for o in step if o.request_id == parent), None)
-            if own is not None:  # it forked this step: its own tokens come first
-                own.new_token_ids = list(own.new_token_ids) + new
-            else:
-                step.append(merged_output(request, new, None, False, self._prefill_stats(request)))
+            if own is None:
+                step.append(merged_output(request, new, rows, False, self._prefill_stats(request)))
+                continue
+            # It forked this step: its own tokens come first.
+            if own.new_logprobs is not None:
+                own_rows = rows_of(own.new_logprobs)
+                width = own.new_logprobs.logprob_token_ids.shape[1] - 1
+                own.new_logprobs = to_lists([*own.new_token_ids, *new], own_rows + rows, width)
+            own.new_token_ids = [*own.new_token_ids, *new]
 
     # -- preemption, counts, stats ------------------------------------------
 

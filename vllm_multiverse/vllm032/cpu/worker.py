@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
@@ -12,6 +14,35 @@ from vllm_multiverse.vllm032.runner import MultiverseRunnerMixin
 
 class MultiverseCPUModelRunner(MultiverseRunnerMixin, CPUModelRunner):
     copy_kv_slots = staticmethod(copy_token_slots)
+
+    # vLLM undoes a discarded sample's draw (a partial prefill's) by moving
+    # the request's generator back by its offset, which CPU generators lack:
+    # a seeded request in a partial prefill beside other requests stops the
+    # engine ("CPU Generator does not use offset"). Every sampled branch is
+    # seeded, so partial prefills here sample without their generators (not
+    # drawing from them is the undo) and get them back after vLLM's
+    # bookkeeping.
+    _mv_set_aside: dict[int, torch.Generator] = {}
+
+    def _sample(self, logits, spec_decode_metadata):
+        gens = self.input_batch.generators
+        discard = self.discard_request_mask.np[: self.input_batch.num_reqs]
+        self._mv_set_aside = {i: gens.pop(i) for i in np.flatnonzero(discard).tolist() if i in gens}
+        try:
+            return super()._sample(logits, spec_decode_metadata)
+        except BaseException:
+            self._give_generators_back()
+            raise
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            self._give_generators_back()
+
+    def _give_generators_back(self) -> None:
+        self.input_batch.generators.update(self._mv_set_aside)
+        self._mv_set_aside = {}
 
 
 class MultiverseCPUWorker(CPUWorker):
