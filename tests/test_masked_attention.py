@@ -59,12 +59,10 @@ def test_sequential_equals_the_reference_and_uses_the_mask(llm):
     sched = scheduler(llm)
     forks0, rows0 = sched.mv.stats["forks"], masked_rows(llm)
     prompts = held_out_prompts(16)[:8]
-    for batch in (1, 8):
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i : i + batch]
-            outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
-            for p, o in zip(chunk, outs):
-                assert list(o.outputs[0].token_ids) == reference_output(tuple(p), MAX_TOKENS)[0]
+    for chunk in [prompts[:1], prompts[1:2], prompts]:  # alone, and a batch of 8
+        outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
+        for p, o in zip(chunk, outs):
+            assert list(o.outputs[0].token_ids) == reference_output(tuple(p), MAX_TOKENS)[0]
     assert sched.mv.stats["forks"] == forks0  # no branch at all
     assert masked_rows(llm) > rows0
 

@@ -30,24 +30,29 @@ def plain_model(tmp_path_factory):
     return path
 
 
-def _greedy(model, plugins):
+def _start(model, plugins):
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
-    res = subprocess.run([sys.executable, str(SCRIPT), str(model), "24"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    line = next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), res.stdout + res.stderr
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(model), "24"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):]), out + err
 
 
 def test_non_multiverse_model_is_untouched(plain_model):
-    with_plugin, log = _greedy(plain_model, None)
+    # Both engines at once: each spends its start-up mostly on one core.
+    procs = _start(plain_model, None), _start(plain_model, "none")
+    (with_plugin, log), (without, log2) = (_result(p) for p in procs)
     assert "vllm-multiverse" in log and "plugin loaded" in log
     assert "Multiverse decoding on" not in log
-    without, log2 = _greedy(plain_model, "none")
     assert "plugin loaded" not in log2
     assert with_plugin == without
     assert any(len(ids) == 48 for ids in with_plugin)
