@@ -43,15 +43,23 @@ def structured_ids(rng: np.random.Generator, n_blocks: int, path_len: int, max_p
     return ids
 
 
-def masked_case(rng, n_rows: int, n_blocks: int, path_len: int, q_len: int | None = None):
+def masked_case(rng, n_rows: int, n_blocks: int, path_len: int, q_len: int | None = None, in_path: bool = False):
     """Rows over structured sequences: (rows, dense masks [q_len, kv_len]).
-    A row's queries are the last ``q_len`` tokens (all of them when None)."""
+    A row's queries are the last ``q_len`` tokens (all of them when None);
+    ``in_path``: the sequence ends inside a Path that does not see them all
+    (sequential decoding there)."""
     rows, dense = [], []
     for _ in range(n_rows):
         ids = structured_ids(rng, n_blocks, path_len)
         s = analyze(ids, TOKENS)
         assert s.well_formed, s.notes
         n = len(ids)
+        if in_path:
+            m = s.dense_mask()
+            hiding = [t for t in range(n) if not m[t, : t + 1].all()]
+            n = int(rng.choice(hiding)) + 1
+            ids = ids[:n]
+            s = analyze(ids, TOKENS)
         q = n if q_len is None else min(q_len, n)
         rows.append(MaskedRow(n - q, q, tuple(s.hidden_rects())))
         dense.append(torch.from_numpy(s.dense_mask()[n - q : n, :n].copy()))

@@ -31,8 +31,14 @@ def cache():
 
 def test_gather_reads_what_vllm_wrote(cache):
     kv, key, value, table, _ = cache
-    k, v = gather_kv(kv, torch.tensor(table), len(key))
-    assert torch.equal(k, key) and torch.equal(v, value)
+    k, v = gather_kv(kv, torch.tensor([table, table[::-1]]))
+    n = len(key)
+    assert torch.equal(k[0, :n], key) and torch.equal(v[0, :n], value)
+    # A second row, its blocks in another order: the same tokens, moved.
+    perm = [table.index(b) for b in table[::-1]]
+    moved = torch.cat([torch.arange(p * BS, (p + 1) * BS) for p in perm])
+    keep = moved < n
+    assert torch.equal(k[1][keep], key[moved[keep]]) and torch.equal(v[1][keep], value[moved[keep]])
 
 
 def test_token_copies_equal_vllm_writing_the_same_tokens_there(cache):

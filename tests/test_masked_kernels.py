@@ -29,10 +29,20 @@ def test_packed_mask_is_the_structure_rules_dense_mask(q_len):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("page_size", [16, 32])
-def test_sdpa_route_over_a_paged_cache(layout, heads, page_size):
+@pytest.mark.parametrize("shape", ["prefill", "decode", "mixed"])
+def test_sdpa_route_over_a_paged_cache(layout, heads, page_size, shape, monkeypatch):
+    """Rows of one query (sequential decoding) go batched, in groups of at
+    most GROUP_BYTES of gathered K/V (small here: several groups)."""
+    import vllm_multiverse.kernels.masked_attention as ma
+
+    monkeypatch.setattr(ma, "GROUP_BYTES", 400 * 2 * heads[1] * 16 * 4)  # 400 tokens
     rng = np.random.default_rng(3)
     hq, hk, d = *heads, 16
-    rows, dense = masked_case(rng, n_rows=3, n_blocks=2, path_len=10, q_len=29)
+    rows, dense = [], []
+    for n, q_len in {"prefill": [(3, 29)], "decode": [(7, 1)], "mixed": [(2, 1), (1, 29), (3, 1)]}[shape]:
+        r, m = masked_case(rng, n_rows=n, n_blocks=2, path_len=10, q_len=q_len, in_path=q_len == 1)
+        rows, dense = rows + r, dense + m
+    assert all(not m.all() for r, m in zip(rows, dense) if r.q_len == 1)
     kv, block_ids, ks, vs = paged_cache(rng, rows, page_size, hk, d, torch.float32, "cpu", layout)
     assert flashinfer_layout(kv) == layout
     k, v = flashinfer_paged_kv(kv, layout)
@@ -48,3 +58,7 @@ def test_sdpa_route_over_a_paged_cache(layout, heads, page_size):
         got = output[a : a + row.q_len].view(row.q_len, hq, d)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     assert batch.query_index("cpu").tolist() == list(range(total))
+    if shape == "decode":
+        single = [i for i, r in enumerate(rows) if r.q_len == 1]
+        groups = batch.decode_groups(single, 400, "cpu")
+        assert len(groups) > 1 and max(len(g.queries) for g in groups) > 1

@@ -13,8 +13,10 @@ Two routes, same result:
   packed custom mask (its FA2 kernels, the only ones that take a mask), all
   masked rows in one call per layer;
 - :func:`sdpa_masked_rows`: ``torch.nn.functional.scaled_dot_product_attention``
-  per row over K/V gathered through the block table, with the dense mask;
-  the reference, and a debugging route (``--multiverse-masked-attention sdpa``).
+  over K/V gathered through the block table, with the dense mask: rows of
+  one query (sequential decoding) batched in groups of similar length, the
+  others one by one; the CPU route, and a debugging route on CUDA
+  (``--multiverse-masked-attention sdpa``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,19 @@ import torch.nn.functional as F
 
 from vllm_multiverse.kernels.packed_mask import MaskedRow, allowed_rows, pack_masks
 
-# (kv_cache, kernel block ids, kv_len) -> K, V, each [kv_len, kv_heads, head_size]
-Gather = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# (kv_cache, kernel block ids [rows, blocks]) -> K, V, each
+# [rows, blocks * page_size, kv_heads, head_size]: each row's tokens in order.
+Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# Gathered K and V of one batched group of decode rows, at most.
+GROUP_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    queries: torch.Tensor  # flat batch index of each row's query
+    blocks: torch.Tensor  # [rows, pages] kernel block ids, padded
+    mask: torch.Tensor  # [rows, 1, 1, pages * page_size] bool: may attend
 
 
 @dataclass
@@ -67,6 +80,38 @@ class MaskedBatch:
         row = self.rows[i]
         return self.cached(("dense", i, str(device)), lambda: allowed_rows(row.rects, row.start, row.kv_len, device))
 
+    def decode_groups(self, single: list[int], max_tokens: int, device) -> list[DecodeGroup]:
+        """Rows ``single`` (one query each) in groups of similar length,
+        each padded to its longest row's pages and holding at most
+        ``max_tokens`` gathered tokens: one gather and one SDPA call a group.
+        No group for fewer than two rows."""
+        if len(single) < 2:
+            return []
+
+        def build():
+            order = sorted(single, key=lambda i: self.rows[i].kv_len)
+            groups, cur = [], []
+            for i in order:  # ascending: the newest row is the longest
+                if cur and (len(cur) + 1) * self.num_pages(i) * self.page_size > max_tokens:
+                    groups.append(self._decode_group(cur, device))
+                    cur = []
+                cur.append(i)
+            groups.append(self._decode_group(cur, device))
+            return groups
+
+        return self.cached(("decode", max_tokens, str(device)), build)
+
+    def _decode_group(self, rows: list[int], device) -> DecodeGroup:
+        pages = max(self.num_pages(i) for i in rows)
+        blocks = np.zeros((len(rows), pages), dtype=np.int64)  # padding: any block, masked out
+        mask = torch.zeros(len(rows), 1, 1, pages * self.page_size, dtype=torch.bool)
+        for j, i in enumerate(rows):
+            row = self.rows[i]
+            blocks[j, : self.num_pages(i)] = self.block_ids[i][: self.num_pages(i)]
+            mask[j, 0, 0, : row.kv_len] = allowed_rows(row.rects, row.start, row.kv_len)[0]
+        queries = torch.tensor([self.offsets[i] for i in rows], dtype=torch.long)
+        return DecodeGroup(queries.to(device), torch.from_numpy(blocks).to(device), mask.to(device))
+
     def blocks(self, i: int, device) -> torch.Tensor:
         return self.cached(
             ("blocks", i, str(device)),
@@ -83,23 +128,39 @@ def sdpa_masked_rows(
     gather: Gather,
 ) -> None:
     """Overwrite the masked rows of ``output`` ([tokens, heads * head_size]
-    or [tokens, heads, head_size]) with SDPA under the dense mask."""
-    gqa = None
-    for i, (a, row) in enumerate(zip(batch.offsets, batch.rows)):
-        b = a + row.q_len
-        k, v = gather(kv_cache, batch.blocks(i, kv_cache.device), row.kv_len)
-        q = query[a:b]
-        if gqa is None:
-            gqa = q.shape[1] != k.shape[1]
+    or [tokens, heads, head_size]) with SDPA under their masks: the rows of
+    one query each (sequential decoding) batched, a gather and an SDPA call
+    per group of them; longer rows (prefills, recomputes) one by one."""
+    gqa = query.shape[1] != kv_cache.shape[1]
+    heads, d = query.shape[1], query.shape[2]
+    out = output.view(output.shape[0], heads, d)
+    single = [i for i, r in enumerate(batch.rows) if r.q_len == 1]
+    row_bytes = 2 * kv_cache.shape[1] * d * kv_cache.element_size()
+    for group in batch.decode_groups(single, GROUP_BYTES // row_bytes, kv_cache.device):
+        k, v = gather(kv_cache, group.blocks)
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            attn_mask=batch.dense(i, q.device),
+            query.index_select(0, group.queries).unsqueeze(2),  # [rows, heads, 1, d]
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=group.mask,
             scale=scale,
             enable_gqa=gqa,
         )
-        output[a:b] = o.transpose(0, 1).reshape(output[a:b].shape)
+        out.index_copy_(0, group.queries, o.squeeze(2).to(out.dtype))
+    batched = set(single) if len(single) > 1 else set()
+    for i in (i for i in range(len(batch.rows)) if i not in batched):
+        a, row = batch.offsets[i], batch.rows[i]
+        b = a + row.q_len
+        k, v = gather(kv_cache, batch.blocks(i, kv_cache.device)[None])
+        o = F.scaled_dot_product_attention(
+            query[a:b].transpose(0, 1),
+            k[0, : row.kv_len].transpose(0, 1),
+            v[0, : row.kv_len].transpose(0, 1),
+            attn_mask=batch.dense(i, query.device),
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[a:b] = o.transpose(0, 1).to(out.dtype)
 
 
 def logical_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,12 +169,14 @@ def logical_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_cache.chunk(2, dim=-1)
 
 
-def gather_logical(kv_cache: torch.Tensor, blocks: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_logical(kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:data:`Gather` for the logical view (any physical order)."""
+    rows, nb = blocks.shape
     out = []
     for half in logical_kv(kv_cache):
-        nb, heads, n, d = half[blocks].shape
-        out.append(half[blocks].transpose(1, 2).reshape(nb * n, heads, d)[:kv_len])
+        _, heads, n, d = half.shape
+        g = half[blocks.reshape(-1)].view(rows, nb, heads, n, d)
+        out.append(g.transpose(2, 3).reshape(rows, nb * n, heads, d))
     return out[0], out[1]
 
 

@@ -39,13 +39,13 @@ def copy_token_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]
         values[db, :, 1, do, :] = values[sb, :, 1, so, :]
 
 
-def gather_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of a request's tokens 0..n-1, each [n, kv_heads, head_dim];
-    ``block_row``: its kernel block ids."""
+def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of each row's tokens, each [rows, blocks * block_size,
+    kv_heads, head_dim]; ``blocks``: kernel block ids [rows, blocks]."""
     _, heads, bs, c = kv_cache.shape
     d = c // 2
-    nb = -(-n // bs)
-    blk = kv_cache[block_row[:nb].long()].view(nb, heads, 2, bs * d)
-    k = blk[:, :, 0].reshape(nb, heads, d, bs).permute(0, 3, 1, 2).reshape(nb * bs, heads, d)[:n]
-    v = blk[:, :, 1].reshape(nb, heads, bs, d).permute(0, 2, 1, 3).reshape(nb * bs, heads, d)[:n]
+    rows, nb = blocks.shape
+    blk = kv_cache[blocks.reshape(-1).long()].view(rows, nb, heads, 2, bs * d)
+    k = blk[:, :, :, 0].reshape(rows, nb, heads, d, bs).permute(0, 1, 4, 2, 3).reshape(rows, nb * bs, heads, d)
+    v = blk[:, :, :, 1].reshape(rows, nb, heads, bs, d).permute(0, 1, 3, 2, 4).reshape(rows, nb * bs, heads, d)
     return k, v
