@@ -21,9 +21,10 @@ def llm(tiny_model_dir):
         yield llm
 
 
-def _run(llm, rid, prompt, params):
+def _run(llm, rid, prompt, params, logprobs: list | None = None):
     """Step the engine until ``rid`` finishes: per step, the tokens it got
-    and whether its fork was open after the step."""
+    and whether its fork was open after the step; ``logprobs`` collects
+    the logprobs that came with them."""
     engine, sched = llm.llm_engine, scheduler(llm)
     engine.add_request(rid, {"prompt_token_ids": prompt}, params)
     steps, done = [], False
@@ -32,6 +33,8 @@ def _run(llm, rid, prompt, params):
         for out in engine.step():
             if out.request_id == rid:
                 got += out.outputs[0].token_ids
+                if logprobs is not None:
+                    logprobs += out.outputs[0].logprobs or []
                 done = out.finished
         steps.append((got, any(k.startswith(rid) and not is_branch(k) for k in sched.mv.forks)))
         if done:
@@ -108,19 +111,9 @@ def test_logprobs_stream_live_with_their_rows(llm):
 
     prompt = _block_prompts()[0]
     want = reference().generate(list(prompt), max_tokens=1500)
-    engine = llm.llm_engine
-    engine.add_request("live-lp", {"prompt_token_ids": prompt}, greedy(logprobs=2, output_kind=RequestOutputKind.DELTA))
-    steps, tokens, logprobs, done = [], [], [], False
-    sched = scheduler(llm)
-    while not done:
-        got = []
-        for out in engine.step():
-            if out.request_id == "live-lp":
-                got += out.outputs[0].token_ids
-                logprobs += out.outputs[0].logprobs or []
-                done = out.finished
-        tokens += got
-        steps.append((got, any(k.startswith("live-lp") for k in sched.mv.forks)))
+    logprobs = []
+    steps = _run(llm, "live-lp", prompt, greedy(logprobs=2, output_kind=RequestOutputKind.DELTA), logprobs)
+    tokens = [t for got, _ in steps for t in got]
     assert _chunks_while_open(steps) > 40
     assert tokens == want.token_ids and len(logprobs) == len(tokens)
     for tok, got, written, ref_lp in zip(tokens, logprobs, want.written, want.logprobs):

@@ -59,6 +59,5 @@ def test_sdpa_route_over_a_paged_cache(layout, heads, page_size, shape, monkeypa
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     assert batch.query_index("cpu").tolist() == list(range(total))
     if shape == "decode":
-        single = [i for i, r in enumerate(rows) if r.q_len == 1]
-        groups = batch.decode_groups(single, 400, "cpu")
+        groups = batch.decode_groups(400, "cpu")
         assert len(groups) > 1 and max(len(g.queries) for g in groups) > 1

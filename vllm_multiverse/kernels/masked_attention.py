@@ -40,6 +40,7 @@ GROUP_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class DecodeGroup:
+    rows: list[int]  # its rows of the batch
     queries: torch.Tensor  # flat batch index of each row's query
     blocks: torch.Tensor  # [rows, pages] kernel block ids, padded
     mask: torch.Tensor  # [rows, 1, 1, pages * page_size] bool: may attend
@@ -80,15 +81,16 @@ class MaskedBatch:
         row = self.rows[i]
         return self.cached(("dense", i, str(device)), lambda: allowed_rows(row.rects, row.start, row.kv_len, device))
 
-    def decode_groups(self, single: list[int], max_tokens: int, device) -> list[DecodeGroup]:
-        """Rows ``single`` (one query each) in groups of similar length,
-        each padded to its longest row's pages and holding at most
-        ``max_tokens`` gathered tokens: one gather and one SDPA call a group.
-        No group for fewer than two rows."""
-        if len(single) < 2:
-            return []
+    def decode_groups(self, max_tokens: int, device) -> list[DecodeGroup]:
+        """The rows of one query each in groups of similar length, each
+        padded to its longest row's pages and holding at most ``max_tokens``
+        gathered tokens: one gather and one SDPA call a group. None for
+        fewer than two such rows (nothing to batch)."""
 
         def build():
+            single = [i for i, r in enumerate(self.rows) if r.q_len == 1]
+            if len(single) < 2:
+                return []
             order = sorted(single, key=lambda i: self.rows[i].kv_len)
             groups, cur = [], []
             for i in order:  # ascending: the newest row is the longest
@@ -110,7 +112,7 @@ class MaskedBatch:
             blocks[j, : self.num_pages(i)] = self.block_ids[i][: self.num_pages(i)]
             mask[j, 0, 0, : row.kv_len] = allowed_rows(row.rects, row.start, row.kv_len)[0]
         queries = torch.tensor([self.offsets[i] for i in rows], dtype=torch.long)
-        return DecodeGroup(queries.to(device), torch.from_numpy(blocks).to(device), mask.to(device))
+        return DecodeGroup(rows, queries.to(device), torch.from_numpy(blocks).to(device), mask.to(device))
 
     def blocks(self, i: int, device) -> torch.Tensor:
         return self.cached(
@@ -134,9 +136,9 @@ def sdpa_masked_rows(
     gqa = query.shape[1] != kv_cache.shape[1]
     heads, d = query.shape[1], query.shape[2]
     out = output.view(output.shape[0], heads, d)
-    single = [i for i, r in enumerate(batch.rows) if r.q_len == 1]
     row_bytes = 2 * kv_cache.shape[1] * d * kv_cache.element_size()
-    for group in batch.decode_groups(single, GROUP_BYTES // row_bytes, kv_cache.device):
+    groups = batch.decode_groups(GROUP_BYTES // row_bytes, kv_cache.device)
+    for group in groups:
         k, v = gather(kv_cache, group.blocks)
         o = F.scaled_dot_product_attention(
             query.index_select(0, group.queries).unsqueeze(2),  # [rows, heads, 1, d]
@@ -147,7 +149,7 @@ def sdpa_masked_rows(
             enable_gqa=gqa,
         )
         out.index_copy_(0, group.queries, o.squeeze(2).to(out.dtype))
-    batched = set(single) if len(single) > 1 else set()
+    batched = {i for group in groups for i in group.rows}
     for i in (i for i in range(len(batch.rows)) if i not in batched):
         a, row = batch.offsets[i], batch.rows[i]
         b = a + row.q_len

@@ -31,15 +31,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _rows_from(kept: list | None, n: int, skip: int) -> list:
-    """Rows of a branch's last ``n`` tokens from ``skip`` on: its kept rows
-    are those of its last tokens (it wrote its header, no rows)."""
-    if kept is None or len(kept) > n:
-        return [None] * (n - skip)
-    pad = n - len(kept)
-    return [None] * max(0, pad - skip) + kept[max(0, skip - pad) :]
-
-
 @dataclass(frozen=True)
 class Merge:
     cut: Cut
@@ -116,9 +107,7 @@ class MultiverseState:
             fork.pending = sorted([*fork.pending, k])
             return False
         start = fork.text_start(k)
-        rows = None
-        if track.rows is not None:
-            rows = [None] * (len(track) - start - len(track.rows)) + track.rows
+        rows = track.tail_rows(len(track) - start)
         fork.results[k] = BranchResult(
             request_id=request_id,
             tokens=list(tokens[start:]),
@@ -227,9 +216,10 @@ class MultiverseState:
             result = fork.results.get(0)
             if result is not None:
                 skip = max(0, sent - offset)
-                tokens += result.tokens[skip:]
+                new = result.tokens[skip:]
+                tokens += new
                 if rows is not None:
-                    rows += result.rows[skip:] if result.rows is not None else [None] * len(result.tokens[skip:])
+                    rows += result.rows[skip:] if result.rows is not None else [None] * len(new)
                 break
             branch = fork.running.get(0)
             if branch is None:
@@ -239,7 +229,7 @@ class MultiverseState:
             skip = min(n, max(0, sent - offset))
             tokens += text[fork.prefix_len + skip :]
             if rows is not None:
-                rows += _rows_from(self.tracks[branch].rows, n, skip)
+                rows += self.tracks[branch].tail_rows(n, skip) or [None] * (n - skip)
             offset += n
             fork = self.forks.get(branch)
         return tokens, rows

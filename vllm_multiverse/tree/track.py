@@ -65,6 +65,15 @@ class Track:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def tail_rows(self, n: int, skip: int = 0) -> list | None:
+        """Logprob rows of its last ``n`` tokens, from ``skip`` on (None where
+        the engine wrote the token: a branch writes its header, then keeps a
+        row per token); None if it keeps none or they are more than ``n``."""
+        if self.rows is None or len(self.rows) > n:
+            return None
+        pad = n - len(self.rows)
+        return [None] * max(0, pad - skip) + self.rows[max(0, skip - pad) :]
+
     def act(self, ev: Event | None) -> Act | None:
         if ev is None:
             return None
@@ -94,6 +103,10 @@ class Track:
     def rects_for(self, start: int, end: int) -> list[Rect]:
         return rects_for(self.hidden, start, end) if self.hidden else []
 
+    def path_seed(self, fork: Fork, index: int) -> int | None:
+        """The seed of its fork's branch ``index`` (None: greedy)."""
+        return None if self.seed is None else branch_seed(self.seed, fork.block_uid, index)
+
     def branch(self, fork: Fork, index: int, header: Iterable[int]) -> Track:
         """A branch's track: this track's tokens, then the Path's header."""
         child = Track(
@@ -107,7 +120,7 @@ class Track:
             hidden=dict(self.hidden),
             written=bytearray(self.written),
             rows=[] if fork.keep_rows else None,
-            seed=None if self.seed is None else branch_seed(self.seed, fork.block_uid, index),
+            seed=self.path_seed(fork, index),
         )
         for tok in header:
             child.append(tok, written=True)

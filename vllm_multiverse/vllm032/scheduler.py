@@ -41,7 +41,6 @@ from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.log import init_logger
 from vllm_multiverse.model_config import read_multiverse_config
 from vllm_multiverse.tree import Act, Finish, MultiverseState, StopRule, Track, is_branch, pressure
-from vllm_multiverse.tree.fork import branch_seed
 from vllm_multiverse.vllm032 import check_vllm_version, metrics
 from vllm_multiverse.vllm032.kv import VllmBlocks, check_kv_cache_config
 from vllm_multiverse.vllm032.outputs import merged_output, rows_of, to_lists
@@ -263,9 +262,9 @@ class MultiverseScheduler(Scheduler):
         sp = parent.sampling_params.clone()
         sp.max_tokens = max(1, fork.rule.budget - len(header))
         sp.prompt_logprobs = None
-        seed = self.mv.tracks[fork.parent].seed
+        seed = self.mv.tracks[fork.parent].path_seed(fork, k)
         if seed is not None:
-            sp.seed = branch_seed(seed, fork.block_uid, k)
+            sp.seed = seed
         child = Request(
             branch_id,
             list(parent.all_token_ids) + list(header),
