@@ -227,7 +227,8 @@ class FakeEngine:
         holding = any(self.reqs[r].computed for r in self.waiting)
         if not scheduled and (holding or self.mv.forks or (self.waiting and not self.paused)):
             self._give_back_memory()
-        step = self.mv.step(scheduled)
+        ends = {rid: end for rid, _, end in scheduled}
+        step = self.mv.step({rid: end - start for rid, start, end in scheduled}, ends.__getitem__)
         # The workers: merge copies first, then this step's KV writes. A
         # copy may only write a block of the request it merged into.
         B = self.pool.block_size

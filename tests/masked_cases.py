@@ -106,3 +106,31 @@ def reference_attention(q, k, v, allowed, scale):
     s = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
     s = s.masked_fill(~allowed.to(s.device), float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v)
+
+
+def vec_cache(rng, rows, block_size, heads, head_size, extra_blocks=3):
+    """vLLM's CPU "vec" cache of one layer ([blocks, heads, block_size,
+    2 * head_size]: per block and head, keys transposed, then values
+    token-major; ``tests/test_kv_layout.py`` ties it to vLLM's writer), each
+    row's tokens at random distinct blocks, every other slot NaN (what is
+    never written must never be read into a result), and the rows' K/V."""
+    pages = [-(-r.kv_len // block_size) for r in rows]
+    num_blocks = sum(pages) + extra_blocks
+    kv = torch.full((num_blocks, heads, block_size, 2 * head_size), float("nan"))
+    keys = kv.view(num_blocks, heads, 2, head_size, block_size)
+    values = kv.view(num_blocks, heads, 2, block_size, head_size)
+    perm = rng.permutation(num_blocks)
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    block_ids, k_rows, v_rows, at = [], [], [], 0
+    for r, p in zip(rows, pages):
+        ids = perm[at : at + p].astype(np.int32)
+        at += p
+        k, v = torch.randn(r.kv_len, heads, head_size, generator=gen), torch.randn(r.kv_len, heads, head_size, generator=gen)
+        t = torch.arange(r.kv_len)
+        blk = torch.from_numpy(ids).long()[t // block_size]
+        keys[blk, :, 0, :, t % block_size] = k
+        values[blk, :, 1, t % block_size, :] = v
+        block_ids.append(ids)
+        k_rows.append(k)
+        v_rows.append(v)
+    return kv, block_ids, k_rows, v_rows

@@ -77,7 +77,7 @@ def write_tokenizer(out: Path) -> None:
         shutil.copy(src / name, out / name)
 
 
-def build(out: Path, seed: int = 0) -> Path:
+def build(out: Path, seed: int = 0, max_positions: int = 4096) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -88,7 +88,7 @@ def build(out: Path, seed: int = 0) -> Path:
     assert len(tok) == QWEN25_VOCAB + len(TAG_NAMES)
     cfg = Qwen2Config(
         vocab_size=PADDED_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=max_positions,
         tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645, rope_theta=1_000_000.0,
     )
     torch.manual_seed(seed)

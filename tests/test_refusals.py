@@ -57,6 +57,32 @@ def plugin():
     register()
 
 
+REPLAY = "vllm_multiverse.replay:ReplayLogitsProcessor"
+
+
+@pytest.mark.parametrize("processors", [[REPLAY], "class"], ids=["by name", "by class"])
+def test_a_multiverse_aware_logits_processor_is_accepted(processors):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_multiverse.replay import ReplayLogitsProcessor
+
+    if processors == "class":
+        processors = [ReplayLogitsProcessor]
+    cfg = EngineArgs(**(BASE | {"logits_processors": processors})).create_engine_config()
+    assert "multiverse" in str(cfg.scheduler_config.scheduler_cls).lower()
+
+
+def test_an_unaware_logits_processor_beside_an_aware_one_is_refused():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_multiverse.vllm032.validate import MultiverseConfigError
+
+    other = "vllm.v1.sample.logits_processor.builtin:MinPLogitsProcessor"
+    with pytest.raises(MultiverseConfigError, match="MinPLogitsProcessor") as err:
+        EngineArgs(**(BASE | {"logits_processors": [REPLAY, other]})).create_engine_config()
+    assert "ReplayLogitsProcessor" not in str(err.value)
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_start_up_refuses(case):
     from vllm.engine.arg_utils import EngineArgs

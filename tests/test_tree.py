@@ -5,13 +5,16 @@ corrupted KV or leaked, each driven through the fake engine."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_structure_properties import malformed
 from toy_vocab import TOKENS, VOCAB, ids
 
 from fake_engine import FakeEngine
 
 from vllm_multiverse.config import MultiverseConfig
-from vllm_multiverse.structure import StructureConfig
-from vllm_multiverse.tree import BranchResult, End, Finish, Fork, MultiverseState, StopRule, text_in_order
+from vllm_multiverse.structure import StructureConfig, StructureState, analyze
+from vllm_multiverse.tree import BranchResult, End, Finish, Fork, MultiverseState, StopRule, Track, text_in_order
 from vllm_multiverse.tree import pressure
 
 NL = VOCAB["\n"]
@@ -188,3 +191,30 @@ def test_a_merge_that_preempts_another_tree_skips_that_fork():
         merged.append(fork.parent)
         engine.preempt_tree(({"a", "b"} - {fork.parent}).pop())
     assert len(merged) == 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(malformed(), st.data())
+def test_a_track_extended_in_bulk_is_the_track_appended_token_by_token(seq, data):
+    """Plain text outside blocks goes into a track in bulk (a prompt); the
+    result is the token-by-token one, and positions_for's shortcut for a
+    range of constant shift answers what the batch rule's positions say."""
+    k = data.draw(st.integers(0, len(seq)))
+    written = data.draw(st.lists(st.booleans(), min_size=len(seq), max_size=len(seq)))
+    bulk, one = (Track(StructureState(TOKENS), root="r", client="r") for _ in range(2))
+    bulk.extend(seq[:k])
+    bulk.extend(seq[k:], bytes(written[k:]))
+    for i, tok in enumerate(seq):
+        one.append(tok, written=i >= k and written[i])
+    assert bulk.positions == one.positions and bulk.hidden == one.hidden and bulk.written == one.written
+    for attr in ("position", "chain", "event", "block", "part"):
+        assert getattr(bulk.state, attr) == getattr(one.state, attr), attr
+    if not seq:
+        return
+    pos = analyze(seq, TOKENS).positions.tolist()
+    start = data.draw(st.integers(0, len(seq) - 1))
+    end = data.draw(st.integers(start + 1, len(seq)))
+    shifts = {i - pos[i] for i in range(start, end)}
+    want = (shifts.pop() or None) if len(shifts) == 1 else pos[start:end]
+    for track in (bulk, one, one.branch(_fork([]), 0, ())):
+        assert track.positions_for(start, end) == want

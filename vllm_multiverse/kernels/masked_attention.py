@@ -8,14 +8,19 @@ its kernel block ids. Every layer of the step reads it, so whatever is
 derived from it (dense masks, the packed mask, a FlashInfer plan) is built
 once and cached on it.
 
-Two routes, same result:
+Three routes, same result:
+- the CPU kernel (``csrc/cpu/masked_attention.cpp``, ``kernels/cpu_masked.py``)
+  over vLLM's "vec" cache in place, hidden ranges skipped: the CPU route
+  where it builds (:func:`kernel_masked_rows` for a batch's rows; the
+  attention backend runs it for whole steps);
 - :class:`FlashInferMaskedPrefill`: FlashInfer's paged prefill with the
   packed custom mask (its FA2 kernels, the only ones that take a mask), all
   masked rows in one call per layer;
 - :func:`sdpa_masked_rows`: ``torch.nn.functional.scaled_dot_product_attention``
   over K/V gathered through the block table, with the dense mask: rows of
   one query (sequential decoding) batched in groups of similar length, the
-  others one by one; the CPU route, and a debugging route on CUDA
+  others one by one; the CPU route where the kernel is absent (its spec in
+  the tests), and a debugging route on CUDA
   (``--multiverse-masked-attention sdpa``).
 """
 
@@ -114,6 +119,43 @@ class MaskedBatch:
         queries = torch.tensor([self.offsets[i] for i in rows], dtype=torch.long)
         return DecodeGroup(rows, queries.to(device), torch.from_numpy(blocks).to(device), mask.to(device))
 
+    def kernel_rows(self) -> tuple[torch.Tensor, ...]:
+        """The CPU kernel's inputs for this batch's rows (int32): first query
+        offsets, query lengths, KV lengths, block table (padded) and the
+        rectangles as (rect_indptr, rects)."""
+
+        def build():
+            from vllm_multiverse.kernels.cpu_masked import row_rects
+
+            width = max(self.num_pages(i) for i in range(len(self.rows)))
+            table = np.zeros((len(self.rows), width), dtype=np.int32)
+            for i in range(len(self.rows)):
+                table[i, : self.num_pages(i)] = self.block_ids[i][: self.num_pages(i)]
+            i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+            return (
+                i32(self.offsets),
+                i32([r.q_len for r in self.rows]),
+                i32([r.kv_len for r in self.rows]),
+                torch.from_numpy(table),
+                row_rects([r.rects for r in self.rows]),
+            )
+
+        return self.cached("kernel_rows", build)
+
+    def request_rects(self, query_start_loc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rect_indptr, rects) for every request of the step (rows with no
+        mask have none), the requests found by their first query."""
+
+        def build():
+            from vllm_multiverse.kernels.cpu_masked import row_rects
+
+            per_request: list[tuple] = [()] * (len(query_start_loc) - 1)
+            for a, row in zip(self.offsets, self.rows):
+                per_request[int(np.searchsorted(query_start_loc, a))] = row.rects
+            return row_rects(per_request)
+
+        return self.cached("request_rects", build)
+
     def blocks(self, i: int, device) -> torch.Tensor:
         return self.cached(
             ("blocks", i, str(device)),
@@ -163,6 +205,15 @@ def sdpa_masked_rows(
             enable_gqa=gqa,
         )
         out[a:b] = o.transpose(0, 1).to(out.dtype)
+
+
+def kernel_masked_rows(batch: MaskedBatch, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor, scale: float) -> None:
+    """What :func:`sdpa_masked_rows` writes, by the CPU kernel over vLLM's
+    "vec" cache in place (``cpu_masked.cpu_kernel()`` must be loaded)."""
+    from vllm_multiverse.kernels import cpu_masked
+
+    q_offsets, q_lens, kv_lens, table, rects = batch.kernel_rows()
+    cpu_masked.attend(query, kv_cache, output, q_offsets, q_lens, kv_lens, table, rects, scale)
 
 
 def logical_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -163,8 +164,33 @@ class StructureState:
                 events.append(ev)
         return events
 
+    def extend_outside(self, token_ids: Sequence[int], start: int = 0) -> int:
+        """Append ``token_ids[start:]`` up to the first token that is not
+        plain text outside every block (a ``<Parallel>``, or anything once a
+        block is open), in bulk: what :meth:`append` does one at a time.
+        Returns the index where it stopped."""
+        if self._stack:
+            return start
+        try:
+            end = token_ids.index(self._t.parallel_open, start)
+        except ValueError:
+            end = len(token_ids)
+        if end > start:
+            self._append_outside(end - start)
+        return end
+
     def append(self, tok: int) -> Event | None:
         t = self._t
+        if not self._stack and tok != t.parallel_open:
+            # Text outside every block (most tokens of most requests): what
+            # the general path below does for it, inline.
+            self._n += 1
+            self.position = pos = self._next_pos
+            self._next_pos = pos + 1
+            if self.block != -1:
+                self._leave_blocks()
+            self.event = None
+            return None
         i = self._n
         if self._closing is not None:
             self._close_path(self._closing, i)
@@ -230,6 +256,20 @@ class StructureState:
         return event
 
     # -- helpers -------------------------------------------------------
+
+    def _append_outside(self, n: int) -> None:
+        self._n += n
+        self.position = self._next_pos + n - 1
+        self._next_pos += n
+        if self.block != -1:
+            self._leave_blocks()
+        self.event = None
+
+    def _leave_blocks(self) -> None:
+        # The first token after the last block closed. The chain was made
+        # clean by that block's last token; block -1 always comes with depth
+        # 0 and OUTSIDE (see _describe), so later tokens need not set them.
+        self.block, self.depth, self.part = -1, 0, Part.OUTSIDE
 
     def _push(self, i: int, causal: bool) -> _Block:
         depth = len(self._stack) + 1

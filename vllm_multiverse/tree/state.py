@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from vllm_multiverse.structure import MultiverseTokens, StructureConfig, StructureState
@@ -382,17 +382,27 @@ class MultiverseState:
 
     # -- steps ---------------------------------------------------------------
 
-    def step(self, scheduled: Iterable[tuple[str, int, int]]) -> MultiverseStep:
-        """Positions and masks of the scheduled token ranges, and the queued copies."""
+    def step(self, scheduled: Mapping[str, int], computed: Callable[[str], int]) -> MultiverseStep:
+        """Positions and masks of the scheduled token ranges, and the queued
+        copies. ``scheduled``: request -> how many tokens the step computes,
+        the last of those it has KV for after the step; ``computed(request)``:
+        how many it has KV for after the step (asked only of requests that
+        need positions or masks)."""
         step = MultiverseStep()
-        for rid, start, end in scheduled:
-            track = self.tracks.get(rid)
-            if track is None:
+        tracks = self.tracks
+        for rid, n in scheduled.items():
+            track = tracks.get(rid)
+            # A request that has never been in a Path has no hidden ranges,
+            # and none shifted: nothing to send (most requests, most steps).
+            if track is None or not (track.hidden or track.run_delta or track.run_start):
                 continue
-            rects = track.rects_for(start, end)
-            if rects:
-                step.masks[rid] = rects
-                self.stats["masked_tokens"] += end - start
+            end = computed(rid)
+            start = end - n
+            if track.hidden:
+                rects = track.rects_for(start, end)
+                if rects:
+                    step.masks[rid] = rects
+                    self.stats["masked_tokens"] += n
             pos = track.positions_for(start, end)
             if pos is not None:
                 step.positions[rid] = pos

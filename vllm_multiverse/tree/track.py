@@ -4,9 +4,8 @@ the KV ranges it must not see, and whether the engine wrote it."""
 from __future__ import annotations
 
 import enum
-import itertools
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vllm_multiverse.structure import Event, EventKind, StructureState
@@ -48,19 +47,42 @@ class Track:
     # The runner keeps its own copy of the tokens and knows only the sampled
     # ones: from this index on, it is sent the written text.
     fix_from: int | None = None
+    # From token run_start on, every token's index minus its position is
+    # run_delta: positions_for answers in O(1) for a range in that run
+    # (any range after the last shift, which is where decoding happens
+    # outside the Paths).
+    run_start: int = 0
+    run_delta: int = 0
 
     def append(self, tok: int, written: bool = False) -> Event | None:
-        ev = self.state.append(tok)
-        hidden = self.state.hidden_ranges()
-        if hidden:
-            self.hidden[len(self.positions)] = tuple(hidden)
-        self.positions.append(self.state.position)
+        state = self.state
+        ev = state.append(tok)
+        i = len(self.positions)
+        if state.chain:  # only a token inside a Path has hidden ranges
+            hidden = state.hidden_ranges()
+            if hidden:
+                self.hidden[i] = tuple(hidden)
+        pos = state.position
+        if i - pos != self.run_delta:
+            self.run_start, self.run_delta = i, i - pos
+        self.positions.append(pos)
         self.written.append(written)
         return ev
 
-    def extend(self, tokens: Iterable[int], written: Iterable[bool] | None = None) -> None:
-        for tok, w in zip(tokens, written if written is not None else itertools.repeat(False)):
-            self.append(tok, w)
+    def extend(self, tokens: Sequence[int], written: Sequence[bool] | None = None) -> None:
+        i, n = 0, len(tokens)
+        while i < n:
+            # Plain text outside every block goes in bulk (a prompt, mostly).
+            j = self.state.extend_outside(tokens, i)
+            if j > i:
+                # It continues the last token's shift: run_delta holds.
+                first = self.state.position - (j - i) + 1
+                self.positions.extend(range(first, first + j - i))
+                self.written.extend(bytes(j - i) if written is None else bytes(map(bool, written[i:j])))
+                i = j
+            if i < n:
+                self.append(tokens[i], bool(written[i]) if written is not None else False)
+                i += 1
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -94,6 +116,8 @@ class Track:
     def positions_for(self, start: int, end: int) -> int | list[int] | None:
         """What the runner needs to give tokens ``start..end-1`` their
         positions: None (their index), one offset to subtract, or a list."""
+        if start >= self.run_start and end <= len(self.positions):
+            return self.run_delta or None
         pos = self.positions[start:end]
         delta = start - pos[0]
         if all(p + delta == start + j for j, p in enumerate(pos)):
@@ -117,6 +141,8 @@ class Track:
             fork=fork,
             index=index,
             positions=array("q", self.positions),
+            run_start=self.run_start,
+            run_delta=self.run_delta,
             hidden=dict(self.hidden),
             written=bytearray(self.written),
             rows=[] if fork.keep_rows else None,

@@ -7,10 +7,11 @@ with shifted positions. The rows that do (a prompt that holds Parallel
 blocks, a merged request recomputed after preemption, sequential decoding)
 arrive as ``attn_metadata.multiverse_masks``
 (:class:`~vllm_multiverse.kernels.masked_attention.MaskedBatch`, set by the
-runner). Each backend here is vLLM's own with its impl subclassed: the stock
-kernel runs for the whole batch, then the masked rows are recomputed over the
-paged cache (the KV write has already run) and overwrite their output.
-Batches with nothing to mask are vLLM's kernel alone.
+runner). Each backend here is vLLM's own with its impl subclassed: on CPU
+the Multiverse kernel computes a step with masked rows alone (every row,
+over the paged cache: the KV write has already run); elsewhere the stock
+kernel runs for the whole batch, then the masked rows are recomputed and
+overwrite their output. Batches with nothing to mask are vLLM's kernel alone.
 
 The subclasses replace vLLM's entries through ``register_backend`` (vLLM's
 custom-backend registration), in the worker of a Multiverse engine only,
@@ -18,15 +19,19 @@ before its model is built; ``get_name()`` stays vLLM's. A class is made the
 first time vLLM resolves its path, so a backend whose library is missing
 (FlashInfer) is imported only if it is chosen.
 
-Routes for the masked rows: SDPA per row over the gathered K/V (CPU; CUDA
-with ``--multiverse-masked-attention sdpa``), or FlashInfer's masked paged
-prefill (CUDA default where FlashInfer is installed).
+Routes for the masked rows: on CPU, the Multiverse kernel
+(``csrc/cpu/masked_attention.cpp``) computes the whole step in place of
+vLLM's kernel (causal rows included, so nothing is computed twice); SDPA per
+row over the gathered K/V where that kernel is not built (and on CUDA with
+``--multiverse-masked-attention sdpa``); FlashInfer's masked paged prefill
+(CUDA default where FlashInfer is installed).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from vllm_multiverse.kernels import cpu_masked
 from vllm_multiverse.kernels.masked_attention import (
     FlashInferMaskedPrefill,
     MaskedBatch,
@@ -56,11 +61,46 @@ class MaskedRowsImpl:
     route = "sdpa"
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         batch = getattr(attn_metadata, "multiverse_masks", None)
+        if batch and self._cpu_kernel_step(batch, query, kv_cache, attn_metadata, output):
+            return output
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if batch:
             self.recompute_masked_rows(batch, query, kv_cache, output)
         return out
+
+    def _cpu_kernel_step(self, batch: MaskedBatch, query, kv_cache, md, output) -> bool:
+        """On CPU, a step with masked rows is the Multiverse kernel's alone:
+        every request of the batch (a causal row is one without rectangles)
+        in place over the cache, so no row is computed twice. vLLM wrote the
+        step's K/V before ``forward`` (``do_kv_cache_update``). False where
+        the kernel is not built or does not take this layer."""
+        if kv_cache.device.type != "cpu" or cpu_masked.cpu_kernel() is None:
+            return False
+        plain = (
+            self.attn_type == "decoder"
+            and self.sliding_window == -1
+            and self.alibi_slopes is None
+            and not self.logits_soft_cap
+            and self.sinks is None
+            and self.kv_cache_dtype == "auto"
+        )
+        if not plain or not cpu_masked.kernel_supports(query, kv_cache):
+            return False
+        n, qsl = md.num_actual_tokens, md.query_start_loc
+        r = len(qsl) - 1
+        cpu_masked.attend(
+            query[:n],
+            kv_cache,
+            output[:n],
+            qsl[:-1],
+            qsl[1:] - qsl[:-1],
+            md.seq_lens[:r],
+            md.block_table[:r],
+            batch.request_rects(qsl.numpy()),
+            self.scale,
+        )
+        return True
 
     def recompute_masked_rows(self, batch: MaskedBatch, query, kv_cache, output) -> None:
         if kv_cache.device.type == "cpu":
@@ -94,6 +134,8 @@ def register(platform_is_cpu: bool, route: str) -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     MaskedRowsImpl.route = route
+    if platform_is_cpu:
+        cpu_masked.cpu_kernel()  # built or loaded at start-up, not in a request's first masked step
     for name in ("CPU_ATTN",) if platform_is_cpu else CUDA_BACKENDS:
         register_backend(AttentionBackendEnum[name], f"{__name__}.{_PREFIX}{name}")
 

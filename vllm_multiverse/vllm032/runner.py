@@ -130,6 +130,8 @@ class MultiverseRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         ret = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        if not self._mv_step.positions:
+            return ret
         # The slot mapping was computed from the token indices; RoPE gets the
         # Multiverse positions: one host-to-device copy for the batch.
         num_reqs = self.input_batch.num_reqs

@@ -95,6 +95,8 @@ class MultiverseScheduler(Scheduler):
         self._to_fork: list[Request] = []
         self._extra_outputs: list[tuple[int, object]] = []
         self._written: dict[str, int] = {}  # request -> sampled tokens before the written ones
+        # Requests whose runner copy needs the written text (Track.fix_from).
+        self._to_fix: set[str] = set()
         self._step_logprobs = None  # (LogprobsLists, req_id_to_index) of the step
         # Client request -> tokens of its open fork's text already sent (live).
         self._live_sent: dict[str, int] = {}
@@ -130,18 +132,21 @@ class MultiverseScheduler(Scheduler):
             # that waiting branches, launches or merges need. Give one tree's
             # memory back.
             self._give_back_memory()
-        scheduled = []
-        for rid, n in out.num_scheduled_tokens.items():
-            end = self.requests[rid].num_computed_tokens  # already advanced
-            scheduled.append((rid, end - n, end))
-        step = self.mv.step(scheduled)
-        for rid, _, _ in scheduled:
+        # num_computed_tokens is already advanced past the scheduled ones.
+        requests = self.requests
+        step = self.mv.step(out.num_scheduled_tokens, lambda rid: requests[rid].num_computed_tokens)
+        if self._to_fix:
+            self._send_fixes(step, out.num_scheduled_tokens)
+        out.multiverse = step
+        return out
+
+    def _send_fixes(self, step, scheduled) -> None:
+        for rid in [r for r in self._to_fix if r in scheduled or r not in self.mv.tracks]:
+            self._to_fix.discard(rid)
             track = self.mv.tracks.get(rid)
             if track is not None and track.fix_from is not None:
                 step.token_fixes[rid] = (track.fix_from, list(self.requests[rid].all_token_ids[track.fix_from :]))
                 track.fix_from = None
-        out.multiverse = step
-        return out
 
     def _blocked(self) -> bool:
         if self._pause_state == PauseState.PAUSED_ALL:
@@ -150,12 +155,39 @@ class MultiverseScheduler(Scheduler):
         return bool(self.kv_holding_waiting or self.mv.forks or queued)
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        # Every branch that ran this step belongs to a fork open now.
+        branches_ran = bool(self.mv.forks)
         if model_runner_output.logprobs is not None:
             self._step_logprobs = (model_runner_output.logprobs, model_runner_output.req_id_to_index)
         try:
             outputs = super().update_from_output(scheduler_output, model_runner_output)
         finally:
             self._step_logprobs = None
+        if self._written:
+            self._drop_written_rows(outputs)
+        # The step that ran the merge copies is done.
+        self.mv.copies.step_done()
+        if self._to_fork:
+            for parent in self._to_fork:
+                self._fork(parent)
+            self._to_fork = []
+        if self.mv.forks:
+            self.mv.launch_pending(self._start_branch)
+            for fork in self.mv.ready_to_merge():
+                self._merge(fork)
+            self._send_live_text(outputs)
+        if branches_ran:
+            # Branch requests are the engine's own: the client never sees them.
+            for eco in outputs.values():
+                if eco.outputs:
+                    eco.outputs = [o for o in eco.outputs if not is_branch(o.request_id)]
+        if self._extra_outputs:
+            extra, self._extra_outputs = self._extra_outputs, []
+            for client, o in extra:
+                outputs.setdefault(client, EngineCoreOutputs()).outputs.append(o)
+        return outputs
+
+    def _drop_written_rows(self, outputs) -> None:
         written, self._written = self._written, {}
         for eco in outputs.values():
             for o in eco.outputs:
@@ -164,23 +196,6 @@ class MultiverseScheduler(Scheduler):
                     n = written[o.request_id]
                     rows = rows_of(o.new_logprobs)[:n] + [None] * (len(o.new_token_ids) - n)
                     o.new_logprobs = to_lists(o.new_token_ids, rows, o.new_logprobs.logprob_token_ids.shape[1] - 1)
-        # The step that ran the merge copies is done.
-        self.mv.copies.step_done()
-        for parent in self._to_fork:
-            self._fork(parent)
-        self._to_fork = []
-        self.mv.launch_pending(self._start_branch)
-        for fork in self.mv.ready_to_merge():
-            self._merge(fork)
-        self._send_live_text(outputs)
-        # Branch requests are the engine's own: the client never sees them.
-        for eco in outputs.values():
-            if eco.outputs:
-                eco.outputs = [o for o in eco.outputs if not is_branch(o.request_id)]
-        extra, self._extra_outputs = self._extra_outputs, []
-        for client, o in extra:
-            outputs.setdefault(client, EngineCoreOutputs()).outputs.append(o)
-        return outputs
 
     # -- tokens -------------------------------------------------------------
 
@@ -211,6 +226,8 @@ class MultiverseScheduler(Scheduler):
             stopped = check_stop(request, self.max_model_len)
             if stopped:
                 break
+            if ev is None:
+                continue
             act = track.act(ev)
             if act is None:
                 continue
@@ -236,6 +253,7 @@ class MultiverseScheduler(Scheduler):
         self._written[request.request_id] = len(kept)
         if track.fix_from is None:
             track.fix_from = request.num_tokens
+            self._to_fix.add(request.request_id)
         for tok in tokens:
             request.append_output_token_ids(tok)
             kept.append(tok)
@@ -430,6 +448,10 @@ class MultiverseScheduler(Scheduler):
     def _root_counts(self) -> tuple[int, int, int]:
         """Client requests running (or parked at a fork), waiting with KV
         (a merged request), and queued without (held trees included)."""
+        if not self.mv.forks:
+            # No fork, so no branch: every request is its own root. vLLM asks
+            # several times a step.
+            return len(self.running), len(self.kv_holding_waiting), len(self.waiting) + len(self.mv.held)
         tracks = self.mv.tracks
 
         def roots(requests) -> set[str]:

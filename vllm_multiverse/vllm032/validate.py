@@ -65,11 +65,13 @@ def _check_engine(vllm_config, engine_args) -> None:
             "pipeline parallelism",
             "forks and merges need each step's output before the next step is scheduled.",
         )
-    if vllm_config.model_config.logits_processors:
+    unaware = _unaware_logits_processors(vllm_config.model_config.logits_processors)
+    if unaware:
         refuse(
-            "custom logits processors (--logits-processors)",
+            f"custom logits processors (--logits-processors {', '.join(unaware)})",
             "they read each request's earlier output tokens, which differ between a Path and "
-            "sequential decoding.",
+            "sequential decoding (a processor that reads the whole sequence, prompt included, "
+            "declares it with the class attribute multiverse_aware = True).",
         )
     if engine_args is not None and getattr(engine_args, "async_scheduling", None):
         refuse("async scheduling (--async-scheduling)", "a fork is decided on the tokens of the step just run.")
@@ -81,6 +83,17 @@ def _check_engine(vllm_config, engine_args) -> None:
         )
     if cache.cache_dtype != "auto":
         refuse(f"--kv-cache-dtype {cache.cache_dtype}", "the merge copies KV entries in the model's dtype only.")
+
+
+def _unaware_logits_processors(processors) -> list[str]:
+    """The processors, of types or "module:Class" names, that do not declare
+    themselves Multiverse-aware; resolved the way vLLM loads them."""
+    if not processors:
+        return []
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+
+    classes = _load_logitsprocs_by_fqcns(processors)
+    return [c.__qualname__ for c in classes if getattr(c, "multiverse_aware", False) is not True]
 
 
 def _check_model(model_config) -> None:

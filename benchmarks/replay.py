@@ -1,0 +1,319 @@
+"""Replay of Multiverse transcripts: the engine's speed on a workload's shapes.
+
+    python benchmarks/replay.py --model DIR|fixture --transcripts DIR [--batches 1 4 16 64]
+                                [--dtype float32] [--repeat 3] [--json OUT] [--out MD]
+    python benchmarks/replay.py --make-tiny DIR [--n 64]
+
+A transcript is one text file (``*.txt``) in the authors' serialisation: the
+chat text, the prompt everything through the assistant turn's start (read off
+the model's chat template), the answer the rest, ending with the EOS. Every
+sampled token is forced to the transcript's, branches included, by
+:class:`vllm_multiverse.replay.ReplayLogitsProcessor`, so any model shape runs
+the transcript's exact structure: the bundled tiny model, ``fixture`` (the
+Multiverse-32B-shaped checkpoint of ``tests/multiverse32b.py``, built into a
+cache directory with room for the transcripts' lengths; saved in bf16, pass
+``--dtype float32`` on CPU) or a real checkpoint.
+
+For each batch size (the first ``batch`` transcripts, repeated if there are
+fewer), in one run, each configuration in its own process with its own engine
+(the three engines side by side, their runs alternated):
+- engine: Multiverse decoding, the Paths of a block as parallel branches;
+- one at a time: the fork disabled (``{"parallel": False}``), the Paths one
+  after another as branches;
+- plain vLLM: the plugin off, the transcript decoded as flat text.
+Ideal = output tokens / critical-path tokens (the model's Multiverse
+declaration, engine positions); speedup = one-at-a-time s / engine s;
+efficiency = speedup / ideal; vs_plain = plain s / engine s; same_tokens:
+every configuration reproduced every transcript token for token. One JSON
+line per batch size, then a markdown table. Each batch runs ``--repeat``
+times per configuration and the fastest run counts.
+
+``--make-tiny DIR`` writes the tiny model's own greedy outputs on held-out
+prompts as transcripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "models" / "multiverse-tiny"
+FIXTURE_CACHE = Path.home() / ".cache" / "vllm-multiverse"
+CONFIGS = {"engine": {}, "one_at_a_time": {"parallel": False}, "plain": {"enabled": False}}
+PROCESSOR = "vllm_multiverse.replay:ReplayLogitsProcessor"
+
+
+# -- transcripts ----------------------------------------------------------------
+
+
+def assistant_turn(tok) -> str:
+    """The text the chat template puts before an assistant's answer: what
+    the generation prompt adds to a conversation."""
+    msgs = [{"role": "user", "content": "x"}]
+    with_turn = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    without = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+    if not with_turn.startswith(without) or with_turn == without:
+        raise ValueError("the chat template's generation prompt does not extend the conversation")
+    return with_turn[len(without) :]
+
+
+def eos_ids(tok, model_dir: Path) -> set[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def read_transcript(text: str, tok, turn: str, eos: set[int]) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids): the prompt through the last assistant turn's
+    start, the answer through its first EOS."""
+    cut = text.rfind(turn)
+    if cut < 0:
+        raise ValueError(f"no assistant turn ({turn!r}) in the transcript")
+    cut += len(turn)
+    prompt = tok.encode(text[:cut], add_special_tokens=False)
+    answer = tok.encode(text[cut:], add_special_tokens=False)
+    end = next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))
+    return prompt, answer[:end]
+
+
+def load_transcripts(directory: Path, tok, model_dir: Path) -> list[tuple[list[int], list[int]]]:
+    files = sorted(directory.glob("*.txt"))
+    if not files:
+        raise SystemExit(f"no *.txt transcripts in {directory}")
+    turn, eos = assistant_turn(tok), eos_ids(tok, model_dir)
+    return [read_transcript(f.read_text(), tok, turn, eos) for f in files]
+
+
+# -- models ---------------------------------------------------------------------
+
+
+def model_dir(name: str, transcripts: Path) -> Path:
+    """A checkpoint directory; ``fixture`` builds the Multiverse-32B-shaped
+    one, with positions for the longest transcript."""
+    if name != "fixture":
+        return Path(name)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import multiverse32b
+
+    tmp = FIXTURE_CACHE / "multiverse-32b-shaped-tokenizer"
+    if not (tmp / "tokenizer.json").exists():
+        tmp.mkdir(parents=True, exist_ok=True)
+        multiverse32b.write_tokenizer(tmp)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp)
+    longest = max(len(p) + len(a) for p, a in load_transcripts(transcripts, tok, tmp))
+    positions = max(4096, -(-(longest + 64) // 4096) * 4096)
+    out = FIXTURE_CACHE / f"multiverse-32b-shaped-{positions}"
+    if not (out / "model.safetensors").exists():
+        multiverse32b.build(out, max_positions=positions)
+    return out
+
+
+def kv_bytes_per_token(model: Path, dtype: str) -> int:
+    cfg = json.loads((model / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    width = 4 if dtype == "float32" else 2
+    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * width
+
+
+# -- one configuration ----------------------------------------------------------
+
+
+def serve_config(mode: str, args) -> None:
+    """Runs in a child process: one engine, a batch size per line of stdin,
+    a ``RESULT`` line each."""
+    import torch
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from vllm_multiverse.model_config import model_declaration, read_multiverse_config
+    from vllm_multiverse.replay import replay_args
+    from vllm_multiverse.training.evaluate import critical_path
+
+    model = Path(args.model)
+    transcripts = load_transcripts(args.transcripts, AutoTokenizer.from_pretrained(model), model)
+    largest = [transcripts[i % len(transcripts)] for i in range(max(args.batches))]
+    longest = max(len(p) + len(a) for p, a in transcripts)
+    kv = int(1.5 * sum(len(p) + len(a) for p, a in largest) * kv_bytes_per_token(model, args.dtype))
+    llm = LLM(
+        model=str(model), dtype=args.dtype, enforce_eager=not torch.cuda.is_available(),
+        max_model_len=longest + 64, kv_cache_memory_bytes=max(kv, 512 << 20), seed=0,
+        generation_config="vllm", logits_processors=[PROCESSOR],
+        additional_config={"multiverse": CONFIGS[mode]},
+    )
+    info = read_multiverse_config({"multiverse": model_declaration(model)})
+    llm.generate([{"prompt_token_ids": transcripts[0][0]}], SamplingParams(max_tokens=8), use_tqdm=False)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        batch = [transcripts[i % len(transcripts)] for i in range(int(line))]
+        sps = [SamplingParams(temperature=0.0, max_tokens=len(a), skip_special_tokens=False,
+                              extra_args=replay_args(len(p), a)) for p, a in batch]
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], sps, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        result = {
+            "seconds": seconds, "tokens": sum(map(len, ids)),
+            "critical": sum(critical_path(p + x, len(p), info.tokens) for (p, _), x in zip(batch, ids)),
+            "same": all(x == a for (_, a), x in zip(batch, ids)),
+        }
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+class Child:
+    """One configuration's engine in its own process, idle between batches."""
+
+    def __init__(self, mode: str, args) -> None:
+        self.mode = mode
+        self.log = tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, __file__, "--child", mode, "--model", str(args.model), "--transcripts",
+               str(args.transcripts), "--batches", *map(str, args.batches), "--dtype", args.dtype]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def wait_for(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag) :]
+        self.log.seek(0)
+        raise SystemExit(f"{self.mode} failed:\n{self.log.read()[-4000:]}")
+
+    def run(self, batch: int) -> dict:
+        self.proc.stdin.write(f"{batch}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.wait_for("RESULT "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure(args) -> dict[str, dict[str, dict]]:
+    """mode -> batch -> the fastest of ``repeat`` runs, the configurations
+    alternated run by run (in a rotating order) so that a busy machine
+    slows them alike."""
+    children = [Child(mode, args) for mode in CONFIGS]
+    try:
+        for c in children:
+            c.wait_for("READY")
+        best: dict[str, dict[str, dict]] = {mode: {} for mode in CONFIGS}
+        for b in args.batches:
+            for r in range(args.repeat):
+                for c in children[r % 3 :] + children[: r % 3]:
+                    res = c.run(b)
+                    prev = best[c.mode].get(str(b))
+                    if prev is not None:
+                        res["same"] = res["same"] and prev["same"]
+                        if prev["seconds"] <= res["seconds"]:
+                            res = {**prev, "same": res["same"]}
+                    best[c.mode][str(b)] = res
+        return best
+    finally:
+        for c in children:
+            c.close()
+
+
+def summary(b: str, engine: dict, seq: dict, plain: dict) -> dict:
+    e, s, p = engine[b], seq[b], plain[b]
+    ideal = e["tokens"] / e["critical"]
+    speedup = s["seconds"] / e["seconds"]
+    return {
+        "batch": int(b), "tokens": e["tokens"],
+        "engine_s": round(e["seconds"], 3), "one_at_a_time_s": round(s["seconds"], 3), "plain_s": round(p["seconds"], 3),
+        "engine_tok_s": round(e["tokens"] / e["seconds"], 1), "one_at_a_time_tok_s": round(s["tokens"] / s["seconds"], 1),
+        "plain_tok_s": round(p["tokens"] / p["seconds"], 1),
+        "ideal": round(ideal, 4), "speedup": round(speedup, 4), "efficiency": round(speedup / ideal, 4),
+        "vs_plain": round(p["seconds"] / e["seconds"], 4), "same_tokens": e["same"] and s["same"] and p["same"],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| batch | tokens | engine s | engine tok/s | one-at-a-time s | one-at-a-time tok/s | plain vLLM s | "
+             "plain tok/s | ideal | speedup | efficiency | vs plain | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['tokens']} | {r['engine_s']:.2f} | {r['engine_tok_s']:.0f} | {r['one_at_a_time_s']:.2f} | "
+            f"{r['one_at_a_time_tok_s']:.0f} | {r['plain_s']:.2f} | {r['plain_tok_s']:.0f} | {r['ideal']:.3f} | "
+            f"{r['speedup']:.3f} | {r['efficiency']:.3f} | {r['vs_plain']:.3f} | {r['same_tokens']} |"
+        )
+    return "\n".join(lines)
+
+
+# -- the tiny model's own transcripts ---------------------------------------------
+
+
+def make_tiny(out: Path, n: int) -> None:
+    from vllm import LLM, SamplingParams
+
+    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+
+    llm = LLM(model=str(TINY), dtype="float32", enforce_eager=True, max_model_len=2048,
+              kv_cache_memory_bytes=1 << 30, seed=0)
+    tok = llm.get_tokenizer()
+    texts = [chat_prompt(tok, t.prompt()) for t in held_out_tasks(n)]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=1500, skip_special_tokens=False), use_tqdm=False)
+    out.mkdir(parents=True, exist_ok=True)
+    turn, eos = assistant_turn(tok), eos_ids(tok, TINY)
+    changed = []
+    for i, (text, prompt, o) in enumerate(zip(texts, prompts, outs)):
+        ids = list(o.outputs[0].token_ids)
+        transcript = text + tok.decode(ids, skip_special_tokens=False)
+        (out / f"{i:03d}.txt").write_text(transcript)
+        if read_transcript(transcript, tok, turn, eos) != (prompt, ids):
+            changed.append(i)
+    print(f"{n} transcripts in {out}; tokenized back differently: {changed or 'none'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(TINY), help="a checkpoint directory, or 'fixture'")
+    ap.add_argument("--transcripts", type=Path)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per batch; the fastest counts")
+    ap.add_argument("--json", type=Path, help="write the JSON lines here")
+    ap.add_argument("--out", type=Path, help="write the markdown table here")
+    ap.add_argument("--make-tiny", type=Path, metavar="DIR")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--child")
+    args = ap.parse_args()
+    if args.make_tiny:
+        make_tiny(args.make_tiny, args.n)
+        return
+    if args.transcripts is None:
+        ap.error("--transcripts is required")
+    if args.child:
+        serve_config(args.child, args)
+        return
+    args.model = model_dir(args.model, args.transcripts)
+    best = measure(args)
+    rows = [summary(str(b), *(best[mode] for mode in CONFIGS)) for b in args.batches]
+    for r in rows:
+        print(json.dumps(r))
+    md = table(rows)
+    print(md)
+    if args.json:
+        args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.out:
+        args.out.write_text(
+            f"# Transcript replay ({args.model.name}, {args.transcripts})\n\n"
+            f"`python benchmarks/replay.py --model {args.model} --transcripts {args.transcripts} "
+            f"--batches {' '.join(map(str, args.batches))}` (fastest of {args.repeat} runs per batch)\n\n{md}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
