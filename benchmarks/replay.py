@@ -22,11 +22,19 @@ fewer), in one run, each configuration in its own process with its own engine
   after another as branches;
 - plain vLLM: the plugin off, the transcript decoded as flat text.
 Ideal = output tokens / critical-path tokens (the model's Multiverse
-declaration, engine positions); speedup = one-at-a-time s / engine s;
-efficiency = speedup / ideal; vs_plain = plain s / engine s; same_tokens:
-every configuration reproduced every transcript token for token. One JSON
+declaration, engine positions), counted for the batch as its decode steps:
+the batch's transcripts start together, so one at a time takes as many steps
+as its longest answer and the engine as many as its longest critical path,
+and ``ideal`` = longest answer / longest critical path, the speedup if a step
+cost the same whatever it holds (at batch 1, the transcript's own ratio;
+``ideal_pooled``, all output tokens / all critical-path tokens, is what the
+batch's requests gain on average in latency, not in wall time);
+speedup = one-at-a-time s / engine s; efficiency = speedup / ideal;
+vs_plain = plain s / engine s; same_tokens: every configuration reproduced
+every transcript token for token. One JSON
 line per batch size, then a markdown table. Each batch runs ``--repeat``
-times per configuration and the fastest run counts.
+rounds, a round being each configuration once, back to back: the seconds are
+the median round's, the ratios the median of the rounds' own ratios.
 
 ``--make-tiny DIR`` writes the tiny model's own greedy outputs on held-out
 prompts as transcripts.
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,9 +172,10 @@ def serve_config(mode: str, args) -> None:
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], sps, use_tqdm=False)
         seconds = time.perf_counter() - t0
         ids = [list(o.outputs[0].token_ids) for o in outs]
+        critical = [critical_path(p + x, len(p), info.tokens) for (p, _), x in zip(batch, ids)]
         result = {
-            "seconds": seconds, "tokens": sum(map(len, ids)),
-            "critical": sum(critical_path(p + x, len(p), info.tokens) for (p, _), x in zip(batch, ids)),
+            "seconds": seconds, "tokens": sum(map(len, ids)), "critical": sum(critical),
+            "longest": max(map(len, ids)), "longest_critical": max(critical),
             "same": all(x == a for (_, a), x in zip(batch, ids)),
         }
         print("RESULT " + json.dumps(result), flush=True)
@@ -198,42 +208,43 @@ class Child:
         self.proc.wait()
 
 
-def measure(args) -> dict[str, dict[str, dict]]:
-    """mode -> batch -> the fastest of ``repeat`` runs, the configurations
-    alternated run by run (in a rotating order) so that a busy machine
-    slows them alike."""
+def measure(args) -> dict[str, dict[str, list[dict]]]:
+    """mode -> batch -> one result per round; in a round each configuration
+    runs once, back to back, in a rotating order, so that a machine whose
+    speed drifts slows a round's three runs alike."""
     children = [Child(mode, args) for mode in CONFIGS]
     try:
         for c in children:
             c.wait_for("READY")
-        best: dict[str, dict[str, dict]] = {mode: {} for mode in CONFIGS}
+        runs: dict[str, dict[str, list[dict]]] = {mode: {} for mode in CONFIGS}
         for b in args.batches:
             for r in range(args.repeat):
                 for c in children[r % 3 :] + children[: r % 3]:
-                    res = c.run(b)
-                    prev = best[c.mode].get(str(b))
-                    if prev is not None:
-                        res["same"] = res["same"] and prev["same"]
-                        if prev["seconds"] <= res["seconds"]:
-                            res = {**prev, "same": res["same"]}
-                    best[c.mode][str(b)] = res
-        return best
+                    runs[c.mode].setdefault(str(b), []).append(c.run(b))
+        return runs
     finally:
         for c in children:
             c.close()
 
 
 def summary(b: str, engine: dict, seq: dict, plain: dict) -> dict:
+    """Seconds: the median round; ratios: the median of the rounds' own
+    ratios (each from three runs side by side)."""
     e, s, p = engine[b], seq[b], plain[b]
-    ideal = e["tokens"] / e["critical"]
-    speedup = s["seconds"] / e["seconds"]
+    first = e[0]
+    ideal = first["longest"] / first["longest_critical"]
+    speedup = statistics.median(x["seconds"] / y["seconds"] for x, y in zip(s, e))
+    vs_plain = statistics.median(x["seconds"] / y["seconds"] for x, y in zip(p, e))
+    sec = {name: statistics.median(x["seconds"] for x in runs) for name, runs in (("e", e), ("s", s), ("p", p))}
     return {
-        "batch": int(b), "tokens": e["tokens"],
-        "engine_s": round(e["seconds"], 3), "one_at_a_time_s": round(s["seconds"], 3), "plain_s": round(p["seconds"], 3),
-        "engine_tok_s": round(e["tokens"] / e["seconds"], 1), "one_at_a_time_tok_s": round(s["tokens"] / s["seconds"], 1),
-        "plain_tok_s": round(p["tokens"] / p["seconds"], 1),
+        "batch": int(b), "tokens": first["tokens"], "rounds": len(e),
+        "ideal_pooled": round(first["tokens"] / first["critical"], 4),
+        "engine_s": round(sec["e"], 3), "one_at_a_time_s": round(sec["s"], 3), "plain_s": round(sec["p"], 3),
+        "engine_tok_s": round(first["tokens"] / sec["e"], 1),
+        "one_at_a_time_tok_s": round(s[0]["tokens"] / sec["s"], 1),
+        "plain_tok_s": round(p[0]["tokens"] / sec["p"], 1),
         "ideal": round(ideal, 4), "speedup": round(speedup, 4), "efficiency": round(speedup / ideal, 4),
-        "vs_plain": round(p["seconds"] / e["seconds"], 4), "same_tokens": e["same"] and s["same"] and p["same"],
+        "vs_plain": round(vs_plain, 4), "same_tokens": all(x["same"] for x in e + s + p),
     }
 
 
@@ -283,7 +294,7 @@ def main() -> None:
     ap.add_argument("--transcripts", type=Path)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per batch; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per batch (each configuration once)")
     ap.add_argument("--json", type=Path, help="write the JSON lines here")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     ap.add_argument("--make-tiny", type=Path, metavar="DIR")
@@ -311,7 +322,7 @@ def main() -> None:
         args.out.write_text(
             f"# Transcript replay ({args.model.name}, {args.transcripts})\n\n"
             f"`python benchmarks/replay.py --model {args.model} --transcripts {args.transcripts} "
-            f"--batches {' '.join(map(str, args.batches))}` (fastest of {args.repeat} runs per batch)\n\n{md}\n"
+            f"--batches {' '.join(map(str, args.batches))}` (median of {args.repeat} rounds per batch)\n\n{md}\n"
         )
 
 

@@ -183,3 +183,28 @@ def test_fork_copies_state():
     branch.extend(ev.branch_headers[1])
     assert len(parent) == len(seq) and len(branch) == len(seq) + 5
     assert parent.chain == () and branch.chain == ((0, 0),)
+
+
+def _trace(state, seq):
+    out = []
+    for tok in seq:
+        ev = state.append(tok)
+        out.append((state.position, state.chain, state.block, state.part, tuple(state.hidden_ranges()), ev))
+    return out, list(state.notes)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(well_formed(), malformed()), st.data())
+def test_a_fork_and_its_parent_go_on_independently(seq, data):
+    cut = data.draw(st.integers(0, len(seq)))
+    fresh = StructureState(TOKENS)
+    want = _trace(fresh, seq)
+    parent = StructureState(TOKENS)
+    head = _trace(parent, seq[:cut])
+    branch = parent.fork()
+    # The branch runs ahead first: nothing it does may reach its parent.
+    got_branch = _trace(branch, seq[cut:])
+    got_parent = _trace(parent, seq[cut:])
+    for got in (got_branch, got_parent):
+        assert head[0] + got[0] == want[0]
+        assert got[1] == want[1]

@@ -104,13 +104,19 @@ class Alignment:
     def target(self, out: Sequence[int]) -> int | None:
         """The transcript's token after the sequence ``prefix + out``; None
         past its end or where the sequence left it."""
-        # Tokens vLLM discarded (the list only shrinks; the engine's own
-        # rewrites, sequential headers, land before the sampler reads it).
-        del self.pos[len(self.prefix) + len(out) :]
-        if not self._advance(out):
-            return None
-        nxt = self.pos[-1] + 1 if self.pos else 0
-        return self.answer[nxt] if nxt < len(self.answer) else None
+        answer, pos = self.answer, self.pos
+        n = len(self.prefix) + len(out)
+        # Most steps: one token more, the transcript's own.
+        if out and len(pos) == n - 1 and pos and (p := pos[-1] + 1) < len(answer) and answer[p] == out[-1]:
+            pos.append(p)
+        else:
+            # Tokens vLLM discarded (the list only shrinks; the engine's own
+            # rewrites, sequential headers, land before the sampler reads it).
+            del pos[n:]
+            if not self._advance(out):
+                return None
+        nxt = pos[-1] + 1 if pos else 0
+        return answer[nxt] if nxt < len(answer) else None
 
     def _advance(self, out: Sequence[int]) -> bool:
         answer, pos = self.answer, self.pos

@@ -111,6 +111,13 @@ class _Block:
     paths_opened: int = 0
     done_spans: list[tuple[int, int]] = field(default_factory=list)
 
+    def copy(self) -> _Block:
+        new = copy.copy(self)
+        new.labels = list(self.labels)
+        new.label_buf = None if self.label_buf is None else list(self.label_buf)
+        new.done_spans = list(self.done_spans)
+        return new
+
 
 class StructureState:
     """Incremental Multiverse structure of a growing token sequence."""
@@ -146,8 +153,21 @@ class StructureState:
         return len(self._stack)
 
     def fork(self) -> StructureState:
-        """An independent copy (a branch continues from its parent's state)."""
-        return copy.deepcopy(self)
+        """An independent copy (a branch continues from its parent's state).
+
+        By hand, not ``deepcopy``: a fork copies one state per Path, and
+        the tokens, config, events and notes are immutable and shared."""
+        new = copy.copy(self)
+        blocks = {id(b): b.copy() for b in self._stack}
+        for b in self._chain_blocks:
+            blocks.setdefault(id(b), b.copy())
+        new._stack = [blocks[id(b)] for b in self._stack]
+        new._chain_blocks = [blocks[id(b)] for b in self._chain_blocks]
+        if self._closing is not None:
+            new._closing = blocks.get(id(self._closing)) or self._closing.copy()
+        new._chain = list(self._chain)
+        new.notes = list(self.notes)
+        return new
 
     def hidden_ranges(self) -> list[tuple[int, int]]:
         """KV index ranges [start, end) the last token must not see."""

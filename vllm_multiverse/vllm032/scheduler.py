@@ -27,6 +27,7 @@ vLLM did and apply what it decides to vLLM's queues and requests:
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 
@@ -277,7 +278,9 @@ class MultiverseScheduler(Scheduler):
 
     def _start_branch(self, fork, k: int, branch_id: str, header) -> bool:
         parent = self.requests[fork.parent]
-        sp = parent.sampling_params.clone()
+        # Shallow: a branch only reassigns fields, and a deep copy of large
+        # extra_args (a replayed transcript) costs more than the step.
+        sp = copy.copy(parent.sampling_params)
         sp.max_tokens = max(1, fork.rule.budget - len(header))
         sp.prompt_logprobs = None
         seed = self.mv.tracks[fork.parent].path_seed(fork, k)
