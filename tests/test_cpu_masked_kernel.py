@@ -10,11 +10,27 @@ import torch
 
 from masked_cases import batch_of, masked_case, reference_attention, vec_cache
 from vllm_multiverse.kernels import cpu_masked
-from vllm_multiverse.kernels.masked_attention import kernel_masked_rows, sdpa_masked_rows
+from vllm_multiverse.kernels.masked_attention import sdpa_masked_rows
 from vllm_multiverse.kernels.packed_mask import MaskedRow
 from vllm_multiverse.vllm032.cpu.kv_layout import gather_kv
 
 pytestmark = pytest.mark.skipif(cpu_masked.cpu_kernel() is None, reason="the CPU kernel did not build here")
+
+def kernel_attend(batch, query, kv, output, scale):
+    """The kernel over ``batch`` as the attention backend calls it for a
+    step whose requests are the batch's rows, in order: each row's block
+    table and its rectangles found by its first query."""
+    q_lens = [r.q_len for r in batch.rows]
+    qsl = np.zeros(len(q_lens) + 1, dtype=np.int32)
+    np.cumsum(q_lens, out=qsl[1:])
+    assert list(qsl[:-1]) == batch.offsets
+    table = np.zeros((len(batch.rows), max(batch.num_pages(i) for i in range(len(batch.rows)))), dtype=np.int32)
+    for i in range(len(batch.rows)):
+        table[i, : batch.num_pages(i)] = batch.block_ids[i][: batch.num_pages(i)]
+    t = torch.from_numpy(qsl)
+    cpu_masked.attend(query, kv, output, t[:-1], t[1:] - t[:-1], torch.tensor([r.kv_len for r in batch.rows]),
+                      torch.from_numpy(table), batch.request_rects(qsl), scale)
+
 
 SHAPES = {  # (rows, n_blocks, q_len, ends inside a Path) per part of the batch
     "decode": [(9, 2, 1, True)],
@@ -47,7 +63,7 @@ def test_kernel_equals_attention_under_the_mask(shape, heads, block_size, head_s
     query = torch.randn(total, hq, head_size)
     scale = head_size**-0.5
     got = torch.full((total, hq * head_size), float("nan"))
-    kernel_masked_rows(batch, query, kv, got, scale)
+    kernel_attend(batch, query, kv, got, scale)
     spec = torch.full_like(got, float("nan"))
     # SDPA multiplies the padding it gathers by zero: NaN there would spread.
     sdpa_masked_rows(batch, query, kv.nan_to_num(0.0), spec, scale, gather_kv)
@@ -70,7 +86,7 @@ def test_causal_rows_and_strided_views():
     qkv = torch.randn(total, (hq + 2 * hk) * d)
     query = qkv[:, : hq * d].view(total, hq, d)
     out = torch.zeros(total, 2 * hq * d)[:, : hq * d]
-    kernel_masked_rows(batch, query, kv, out, 0.125)
+    kernel_attend(batch, query, kv, out, 0.125)
     for i, (a, row) in enumerate(zip(batch.offsets, rows)):
         causal = torch.ones(row.q_len, row.kv_len, dtype=torch.bool).tril(row.start)
         want = reference_attention(query[a : a + row.q_len], ks[i], vs[i], causal, 0.125)
@@ -86,12 +102,12 @@ def test_a_hidden_range_has_no_effect():
     batch = batch_of(rows, block_ids, 32)
     query = torch.randn(2, 1, 32)
     before = torch.zeros(2, 32)
-    kernel_masked_rows(batch, query, kv, before, 1.0)
+    kernel_attend(batch, query, kv, before, 1.0)
     for i in range(2):  # keys 40..149 of both rows blown up
         for t in range(40, 150):
             kv.view(kv.shape[0], 1, 2, 32, 32)[int(block_ids[i][t // 32]), 0, 0, :, t % 32] = 1e3
     after = torch.zeros(2, 32)
-    kernel_masked_rows(batch, query, kv, after, 1.0)
+    kernel_attend(batch, query, kv, after, 1.0)
     assert torch.equal(before[0], after[0])
     assert not torch.allclose(before[1], after[1])
 

@@ -11,8 +11,8 @@ once and cached on it.
 Three routes, same result:
 - the CPU kernel (``csrc/cpu/masked_attention.cpp``, ``kernels/cpu_masked.py``)
   over vLLM's "vec" cache in place, hidden ranges skipped: the CPU route
-  where it builds (:func:`kernel_masked_rows` for a batch's rows; the
-  attention backend runs it for whole steps);
+  where it builds (the attention backend runs it for whole steps, its
+  rectangles from :meth:`MaskedBatch.request_rects`);
 - :class:`FlashInferMaskedPrefill`: FlashInfer's paged prefill with the
   packed custom mask (its FA2 kernels, the only ones that take a mask), all
   masked rows in one call per layer;
@@ -26,7 +26,7 @@ Three routes, same result:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,7 +57,7 @@ class MaskedBatch:
     # Flat index, in the step's batch, of each row's first query.
     offsets: list[int]
     # Each row's kernel block ids, at least ceil(kv_len / page_size) of them.
-    block_ids: list[np.ndarray]
+    block_ids: Sequence[np.ndarray]
     page_size: int
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -118,29 +118,6 @@ class MaskedBatch:
             mask[j, 0, 0, : row.kv_len] = allowed_rows(row.rects, row.start, row.kv_len)[0]
         queries = torch.tensor([self.offsets[i] for i in rows], dtype=torch.long)
         return DecodeGroup(rows, queries.to(device), torch.from_numpy(blocks).to(device), mask.to(device))
-
-    def kernel_rows(self) -> tuple[torch.Tensor, ...]:
-        """The CPU kernel's inputs for this batch's rows (int32): first query
-        offsets, query lengths, KV lengths, block table (padded) and the
-        rectangles as (rect_indptr, rects)."""
-
-        def build():
-            from vllm_multiverse.kernels.cpu_masked import row_rects
-
-            width = max(self.num_pages(i) for i in range(len(self.rows)))
-            table = np.zeros((len(self.rows), width), dtype=np.int32)
-            for i in range(len(self.rows)):
-                table[i, : self.num_pages(i)] = self.block_ids[i][: self.num_pages(i)]
-            i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-            return (
-                i32(self.offsets),
-                i32([r.q_len for r in self.rows]),
-                i32([r.kv_len for r in self.rows]),
-                torch.from_numpy(table),
-                row_rects([r.rects for r in self.rows]),
-            )
-
-        return self.cached("kernel_rows", build)
 
     def request_rects(self, query_start_loc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(rect_indptr, rects) for every request of the step (rows with no
@@ -205,15 +182,6 @@ def sdpa_masked_rows(
             enable_gqa=gqa,
         )
         out[a:b] = o.transpose(0, 1).to(out.dtype)
-
-
-def kernel_masked_rows(batch: MaskedBatch, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor, scale: float) -> None:
-    """What :func:`sdpa_masked_rows` writes, by the CPU kernel over vLLM's
-    "vec" cache in place (``cpu_masked.cpu_kernel()`` must be loaded)."""
-    from vllm_multiverse.kernels import cpu_masked
-
-    q_offsets, q_lens, kv_lens, table, rects = batch.kernel_rows()
-    cpu_masked.attend(query, kv_cache, output, q_offsets, q_lens, kv_lens, table, rects, scale)
 
 
 def logical_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,8 @@ graph for a step that has them. Everything comes from the step's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from vllm.config import CUDAGraphMode
@@ -82,6 +84,28 @@ def position_deltas(
     return delta
 
 
+class KernelBlockIds(Sequence):
+    """Each masked row's kernel block ids, read off the step's block table
+    when a route asks for them (the CPU kernel takes vLLM's table and never
+    does)."""
+
+    def __init__(self, table, where: list[tuple[int, int]], kernel_block: int) -> None:
+        self.table, self.where, self.kernel_block = table, where, kernel_block
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        ids = self._rows.get(j)
+        if ids is None:
+            i, end = self.where[j]
+            split = self.table.block_size // self.kernel_block
+            blocks = self.table.block_table.np[i, : -(-end // self.table.block_size)].astype(np.int64)
+            ids = self._rows[j] = (blocks[:, None] * split + np.arange(split)).reshape(-1)
+        return ids
+
+
 class MultiverseRunnerMixin:
     # Set by the subclass for its platform: (kv_caches, copies) -> None.
     copy_kv_slots = None
@@ -153,21 +177,19 @@ class MultiverseRunnerMixin:
         qsl = self.query_start_loc.np
         seq_lens = self.optimistic_seq_lens_cpu.numpy()
         table = self.input_batch.block_table[0]
-        # The table holds scheduler blocks; the layers' caches count kernel
-        # blocks, each scheduler block holding `split` of them in order.
-        kernel_block = self._kernel_block_sizes[0]
-        split = table.block_size // kernel_block
-        rows, offsets, block_ids = [], [], []
+        rows, offsets, where = [], [], []
         for i, rid in enumerate(self.input_batch.req_ids):
             rects = masks.get(rid)
             if rects is None:
                 continue
             a, q_len, end = int(qsl[i]), int(qsl[i + 1] - qsl[i]), int(seq_lens[i])
-            blocks = table.block_table.np[i, : -(-end // table.block_size)].astype(np.int64)
             rows.append(MaskedRow(end - q_len, q_len, tuple(rects)))
             offsets.append(a)
-            block_ids.append((blocks[:, None] * split + np.arange(split)).reshape(-1))
-        return MaskedBatch(rows, offsets, block_ids, kernel_block)
+            where.append((i, end))
+        # The table holds scheduler blocks; the layers' caches count kernel
+        # blocks, each scheduler block holding `split` of them in order.
+        kernel_block = self._kernel_block_sizes[0]
+        return MaskedBatch(rows, offsets, KernelBlockIds(table, where, kernel_block), kernel_block)
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)
