@@ -24,10 +24,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from side_by_side import Child
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "multiverse-tiny"
@@ -105,48 +106,24 @@ def serve(model: str, n: int, reps: int) -> None:
         print("RESULT " + json.dumps({"seconds": dt, "tokens": reps * sum(map(len, ids)), "ids": ids}), flush=True)
 
 
-class Child:
-    """One configuration's engine in its own process, idle between runs."""
-
-    def __init__(self, model: Path, plugin: bool, n: int, reps: int) -> None:
-        env = dict(os.environ)
-        env["VLLM_PLUGINS"] = "multiverse" if plugin else "none"
-        self.name = f"{model.name} (plugin {'on' if plugin else 'off'})"
-        self.log = tempfile.TemporaryFile("w+")
-        cmd = [sys.executable, __file__, "--child", str(model), "--n", str(n), "--reps", str(reps)]
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
-
-    def wait_for(self, tag: str) -> str:
-        for line in self.proc.stdout:
-            if line.startswith(tag):
-                return line[len(tag) :]
-        self.log.seek(0)
-        raise SystemExit(f"{self.name} failed:\n{self.log.read()[-4000:]}")
-
-    def run(self) -> dict:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        return json.loads(self.wait_for("RESULT "))
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def measure(model: Path, n: int, reps: int, rounds: int) -> tuple[float, dict, bool]:
     """(loss, median tok/s per configuration, same tokens): the loss is the
     median of the rounds' own ratios, a round being one run of each engine
     back to back (in alternating order), so that drift in the machine's
     speed slows both alike."""
-    children = {plugin: Child(model, plugin, n, reps) for plugin in (False, True)}
+    cmd = [__file__, "--child", str(model), "--n", str(n), "--reps", str(reps)]
+    children = {
+        plugin: Child(f"{model.name} (plugin {'on' if plugin else 'off'})", cmd,
+                      {**os.environ, "VLLM_PLUGINS": "multiverse" if plugin else "none"})
+        for plugin in (False, True)
+    }
     try:
         for c in children.values():
             c.wait_for("READY")
         runs: dict[bool, list[dict]] = {False: [], True: []}
         for r in range(rounds):
             for plugin in ((False, True) if r % 2 == 0 else (True, False)):
-                runs[plugin].append(children[plugin].run())
+                runs[plugin].append(children[plugin].run("run"))
     finally:
         for c in children.values():
             c.close()

@@ -45,11 +45,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from side_by_side import Child
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "multiverse-tiny"
@@ -181,38 +181,13 @@ def serve_config(mode: str, args) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-class Child:
-    """One configuration's engine in its own process, idle between batches."""
-
-    def __init__(self, mode: str, args) -> None:
-        self.mode = mode
-        self.log = tempfile.TemporaryFile("w+")
-        cmd = [sys.executable, __file__, "--child", mode, "--model", str(args.model), "--transcripts",
-               str(args.transcripts), "--batches", *map(str, args.batches), "--dtype", args.dtype]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-
-    def wait_for(self, tag: str) -> str:
-        for line in self.proc.stdout:
-            if line.startswith(tag):
-                return line[len(tag) :]
-        self.log.seek(0)
-        raise SystemExit(f"{self.mode} failed:\n{self.log.read()[-4000:]}")
-
-    def run(self, batch: int) -> dict:
-        self.proc.stdin.write(f"{batch}\n")
-        self.proc.stdin.flush()
-        return json.loads(self.wait_for("RESULT "))
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def measure(args) -> dict[str, dict[str, list[dict]]]:
     """mode -> batch -> one result per round; in a round each configuration
     runs once, back to back, in a rotating order, so that a machine whose
     speed drifts slows a round's three runs alike."""
-    children = [Child(mode, args) for mode in CONFIGS]
+    cmd = [__file__, "--model", str(args.model), "--transcripts", str(args.transcripts),
+           "--batches", *map(str, args.batches), "--dtype", args.dtype]
+    children = [Child(mode, [*cmd, "--child", mode]) for mode in CONFIGS]
     try:
         for c in children:
             c.wait_for("READY")
@@ -220,7 +195,7 @@ def measure(args) -> dict[str, dict[str, list[dict]]]:
         for b in args.batches:
             for r in range(args.repeat):
                 for c in children[r % 3 :] + children[: r % 3]:
-                    runs[c.mode].setdefault(str(b), []).append(c.run(b))
+                    runs[c.name].setdefault(str(b), []).append(c.run(str(b)))
         return runs
     finally:
         for c in children:

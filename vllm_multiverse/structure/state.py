@@ -157,14 +157,18 @@ class StructureState:
 
         By hand, not ``deepcopy``: a fork copies one state per Path, and
         the tokens, config, events and notes are immutable and shared."""
+        copies: dict[int, _Block] = {}
+
+        def mine(b: _Block) -> _Block:
+            # One copy per block: the stack, the chain and the closing Path share them.
+            if id(b) not in copies:
+                copies[id(b)] = b.copy()
+            return copies[id(b)]
+
         new = copy.copy(self)
-        blocks = {id(b): b.copy() for b in self._stack}
-        for b in self._chain_blocks:
-            blocks.setdefault(id(b), b.copy())
-        new._stack = [blocks[id(b)] for b in self._stack]
-        new._chain_blocks = [blocks[id(b)] for b in self._chain_blocks]
-        if self._closing is not None:
-            new._closing = blocks.get(id(self._closing)) or self._closing.copy()
+        new._stack = [mine(b) for b in self._stack]
+        new._chain_blocks = [mine(b) for b in self._chain_blocks]
+        new._closing = None if self._closing is None else mine(self._closing)
         new._chain = list(self._chain)
         new.notes = list(self.notes)
         return new

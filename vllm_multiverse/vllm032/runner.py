@@ -100,6 +100,8 @@ class KernelBlockIds(Sequence):
         ids = self._rows.get(j)
         if ids is None:
             i, end = self.where[j]
+            # The table holds scheduler blocks; the layers' caches count kernel
+            # blocks, each scheduler block holding `split` of them in order.
             split = self.table.block_size // self.kernel_block
             blocks = self.table.block_table.np[i, : -(-end // self.table.block_size)].astype(np.int64)
             ids = self._rows[j] = (blocks[:, None] * split + np.arange(split)).reshape(-1)
@@ -186,8 +188,6 @@ class MultiverseRunnerMixin:
             rows.append(MaskedRow(end - q_len, q_len, tuple(rects)))
             offsets.append(a)
             where.append((i, end))
-        # The table holds scheduler blocks; the layers' caches count kernel
-        # blocks, each scheduler block holding `split` of them in order.
         kernel_block = self._kernel_block_sizes[0]
         return MaskedBatch(rows, offsets, KernelBlockIds(table, where, kernel_block), kernel_block)
 
