@@ -14,7 +14,8 @@
   on the GPU; the end-to-end ``pack_masks`` (with the inputs' upload) too.
 
 CUDA events, warm-up, then the median of ``--reps`` timed repetitions. No
-vLLM needed. Exits 0 with a message where there is no GPU.
+vLLM needed. Exits 1 where there is no CUDA GPU or ``vllm_multiverse._C`` is
+not built (what it times is the kernels).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_summary import record  # noqa: E402
 from vllm_multiverse.kernels import _ext
 from vllm_multiverse.kernels.kv_copy import copy_token_slots, copy_token_slots_torch, slot_tensors
 from vllm_multiverse.kernels.packed_mask import (
@@ -67,7 +69,7 @@ def header(title: str) -> None:
     print(f"  {'':<44} {'µs':>10} {'GB/s':>9} {'vs first':>9}")
 
 
-def bench_copy(args, have_kernel: bool) -> None:
+def bench_copy(args) -> None:
     dev = torch.device("cuda")
     L, H, D, n = args.layers, args.heads, args.head_size, args.block
     num_blocks = -(-2 * args.pairs // n) + 8
@@ -91,25 +93,15 @@ def bench_copy(args, have_kernel: bool) -> None:
         f"token-slot copy: {L} layers x {args.pairs} slots, {H} kv heads x head {D}, bf16, "
         f"blocks of {n}, LBNHC ({moved / 1e6:.0f} MB moved)"
     )
-    results = []
-    if have_kernel:
-        want = base.clone()
-        copy_token_slots_torch([want[i].permute(0, 2, 1, 3) for i in range(L)], src, dst)
-        _ext.ops().copy_kv_slots(caches, src, dst)
-        torch.cuda.synchronize()
-        assert torch.equal(base, want), "kernel and torch fallback disagree"
-        results.append(
-            (
-                "copy_kv_slots kernel",
-                time_us(lambda: _ext.ops().copy_kv_slots(caches, src, dst), args.reps),
-            )
-        )
-        results.append(
-            (
-                "copy_token_slots (incl. slot upload)",
-                time_us(lambda: copy_token_slots(caches, copies), args.reps),
-            )
-        )
+    want = base.clone()
+    copy_token_slots_torch([want[i].permute(0, 2, 1, 3) for i in range(L)], src, dst)
+    _ext.ops().copy_kv_slots(caches, src, dst)
+    torch.cuda.synchronize()
+    assert torch.equal(base, want), "kernel and torch fallback disagree"
+    results = [
+        ("copy_kv_slots kernel", time_us(lambda: _ext.ops().copy_kv_slots(caches, src, dst), args.reps)),
+        ("copy_token_slots (incl. slot upload)", time_us(lambda: copy_token_slots(caches, copies), args.reps)),
+    ]
     results.append(
         (
             "torch fallback (copy_token_slots_torch)",
@@ -125,9 +117,17 @@ def bench_copy(args, have_kernel: bool) -> None:
     ref = results[0][1]
     for name, us in results:
         print(row(name, us, moved, ref))
+    record(
+        f"copy_kv_slots: {L} layers x {args.pairs} slots, bf16, LBNHC",
+        True,
+        kernel_us=f"{ref:.1f}",
+        GB_per_s=f"{moved / ref / 1e3:.0f}",
+        torch_fallback_us=f"{results[2][1]:.1f}",
+        device_copy_us=f"{results[3][1]:.1f}",
+    )
 
 
-def bench_mask(args, have_kernel: bool) -> None:
+def bench_mask(args) -> None:
     dev = torch.device("cuda")
     size = args.mask_len
     rng = np.random.default_rng(1)
@@ -148,26 +148,27 @@ def bench_mask(args, have_kernel: bool) -> None:
     header(
         f"packed mask: one {size} x {size} masked row, {args.rects} rectangles ({total / 1e6:.1f} MB out)"
     )
-    results = []
-    if have_kernel:
-        t = {k: v.to(dev) for k, v in rect_tensors(rows, "cpu").items()}
-        inputs = [t[k] for k in ("starts", "q_lens", "byte_indptr", "rect_indptr", "rects")]
-        got = _ext.ops().pack_masks(*inputs, total)
-        assert torch.equal(got, pack_masks_torch(rows, dev)[0]), (
-            "kernel and pack_masks_torch disagree"
-        )
-        results.append(
-            ("pack_masks kernel", time_us(lambda: _ext.ops().pack_masks(*inputs, total), args.reps))
-        )
-        results.append(
-            ("pack_masks (incl. input upload)", time_us(lambda: pack_masks(rows, dev), args.reps))
-        )
+    t = {k: v.to(dev) for k, v in rect_tensors(rows, "cpu").items()}
+    inputs = [t[k] for k in ("starts", "q_lens", "byte_indptr", "rect_indptr", "rects")]
+    got = _ext.ops().pack_masks(*inputs, total)
+    assert torch.equal(got, pack_masks_torch(rows, dev)[0]), "kernel and pack_masks_torch disagree"
+    results = [
+        ("pack_masks kernel", time_us(lambda: _ext.ops().pack_masks(*inputs, total), args.reps)),
+        ("pack_masks (incl. input upload)", time_us(lambda: pack_masks(rows, dev), args.reps)),
+    ]
     results.append(
         ("pack_masks_torch on the GPU", time_us(lambda: pack_masks_torch(rows, dev), args.reps))
     )
     ref = results[0][1]
     for name, us in results:
         print(row(name, us, total, ref))
+    record(
+        f"pack_masks: {size} x {size}, {args.rects} rectangles",
+        True,
+        kernel_us=f"{ref:.1f}",
+        with_upload_us=f"{results[1][1]:.1f}",
+        torch_us=f"{results[2][1]:.1f}",
+    )
 
 
 def main() -> int:
@@ -185,18 +186,19 @@ def main() -> int:
     args = p.parse_args()
 
     if not torch.cuda.is_available():
-        print("gpu_kernels: no CUDA device, nothing to time")
-        return 0
-    have_kernel = _ext.has_op("copy_kv_slots") and _ext.has_op("pack_masks")
+        print("gpu_kernels: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    if not (_ext.has_op("copy_kv_slots") and _ext.has_op("pack_masks")):
+        print(
+            "gpu_kernels: vllm_multiverse._C is not built (pip install --no-build-isolation -e .)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     )
-    if not have_kernel:
-        print(
-            "vllm_multiverse._C is not built (pip install --no-build-isolation -e .): torch routes only"
-        )
-    bench_copy(args, have_kernel)
-    bench_mask(args, have_kernel)
+    bench_copy(args)
+    bench_mask(args)
     return 0
 
 

@@ -113,12 +113,16 @@ inline int threads_for(const Plan& plan) {
 }
 
 // One (pair, layer): thread `tid` of `nthreads` copies its share of the
-// token's units from slot s to slot d of the layer at `base`.
+// token's units from slot s to slot d of the layer at `base`. False, copying
+// nothing, for a slot outside the cache: the host checks every pair before
+// the launch (kernels/kv_copy.py, no device sync), so one here is a
+// bookkeeping bug that must stop the engine, never a copy to skip.
 template <typename U>
-__host__ __device__ inline void copy_slot(const Plan& plan, U* base, int64_t s,
+__host__ __device__ inline bool copy_slot(const Plan& plan, U* base, int64_t s,
                                           int64_t d, int64_t tid,
                                           int64_t nthreads) {
-  if (s < 0 || s >= plan.num_slots || d < 0 || d >= plan.num_slots) return;
+  if (s < 0 || s >= plan.num_slots || d < 0 || d >= plan.num_slots)
+    return false;
   const int64_t src_off = (s / plan.block_size) * plan.stride_block +
                           (s % plan.block_size) * plan.stride_token;
   const int64_t dst_off = (d / plan.block_size) * plan.stride_block +
@@ -129,7 +133,7 @@ __host__ __device__ inline void copy_slot(const Plan& plan, U* base, int64_t s,
     for (int64_t i = tid; i < plan.units_per_row; i += nthreads) {
       dst[i * plan.stride_unit] = src[i * plan.stride_unit];
     }
-    return;
+    return true;
   }
   const int64_t total = plan.rows * plan.units_per_row;
   for (int64_t i = tid; i < total; i += nthreads) {
@@ -138,6 +142,7 @@ __host__ __device__ inline void copy_slot(const Plan& plan, U* base, int64_t s,
     const int64_t o = r * plan.stride_row + c * plan.stride_unit;
     dst[o] = src[o];
   }
+  return true;
 }
 
 template <typename U>
@@ -151,8 +156,9 @@ __global__ void copy_kv_slots_kernel(const int64_t* __restrict__ layer_ptrs,
   for (int64_t layer = blockIdx.y; layer < num_layers; layer += gridDim.y) {
     U* base = reinterpret_cast<U*>(static_cast<uintptr_t>(layer_ptrs[layer]));
     for (int64_t p = blockIdx.x; p < num_pairs; p += gridDim.x) {
-      copy_slot<U>(plan, base, src[p * src_stride], dst[p * dst_stride],
-                   threadIdx.x, blockDim.x);
+      if (!copy_slot<U>(plan, base, src[p * src_stride], dst[p * dst_stride],
+                        threadIdx.x, blockDim.x))
+        __trap();  // the step fails at its next sync, loudly
     }
   }
 }
@@ -216,8 +222,9 @@ cudaError_t launch_copy_kv_slots(const int64_t* layer_ptrs, int64_t num_layers,
 
 #ifdef MULTIVERSE_HOST_EMULATION
 namespace {
+// False where the kernel would trap.
 template <typename U>
-void emulate(const int64_t* layer_ptrs, int64_t num_layers, const int64_t* src,
+bool emulate(const int64_t* layer_ptrs, int64_t num_layers, const int64_t* src,
              int64_t src_stride, const int64_t* dst, int64_t dst_stride,
              int64_t num_pairs, const vllm_multiverse::kv_copy::Plan& plan) {
   const int nthreads = vllm_multiverse::kv_copy::threads_for(plan);
@@ -225,18 +232,21 @@ void emulate(const int64_t* layer_ptrs, int64_t num_layers, const int64_t* src,
     U* base = reinterpret_cast<U*>(static_cast<uintptr_t>(layer_ptrs[layer]));
     for (int64_t p = 0; p < num_pairs; ++p) {
       for (int tid = 0; tid < nthreads; ++tid) {
-        vllm_multiverse::kv_copy::copy_slot<U>(plan, base, src[p * src_stride],
-                                               dst[p * dst_stride], tid,
-                                               nthreads);
+        if (!vllm_multiverse::kv_copy::copy_slot<U>(
+                plan, base, src[p * src_stride], dst[p * dst_stride], tid,
+                nthreads))
+          return false;
       }
     }
   }
+  return true;
 }
 }  // namespace
 
 // The kernel's per-block code run over host memory, block by block and
 // thread by thread, with the launcher's plan. Returns the unit in bytes the
-// launcher would use, or -1 for arguments it would refuse.
+// launcher would use, -1 for arguments it would refuse, -2 where the kernel
+// traps (a slot outside the cache).
 extern "C" int64_t multiverse_host_copy_kv_slots(
     const int64_t* layer_ptrs, int64_t num_layers, uint64_t layer_ptr_or,
     const int64_t* src, int64_t src_stride, const int64_t* dst,
@@ -250,30 +260,31 @@ extern "C" int64_t multiverse_host_copy_kv_slots(
                  elem_size, stride_block, stride_head, stride_token,
                  stride_content, &plan))
     return -1;
+  bool ok;
   switch (plan.unit) {
     case 1:
-      emulate<uint8_t>(layer_ptrs, num_layers, src, src_stride, dst, dst_stride,
+      ok = emulate<uint8_t>(layer_ptrs, num_layers, src, src_stride, dst, dst_stride,
                        num_pairs, plan);
       break;
     case 2:
-      emulate<uint16_t>(layer_ptrs, num_layers, src, src_stride, dst,
+      ok = emulate<uint16_t>(layer_ptrs, num_layers, src, src_stride, dst,
                         dst_stride, num_pairs, plan);
       break;
     case 4:
-      emulate<uint32_t>(layer_ptrs, num_layers, src, src_stride, dst,
+      ok = emulate<uint32_t>(layer_ptrs, num_layers, src, src_stride, dst,
                         dst_stride, num_pairs, plan);
       break;
     case 8:
-      emulate<uint2>(layer_ptrs, num_layers, src, src_stride, dst, dst_stride,
+      ok = emulate<uint2>(layer_ptrs, num_layers, src, src_stride, dst, dst_stride,
                      num_pairs, plan);
       break;
     case 16:
-      emulate<uint4>(layer_ptrs, num_layers, src, src_stride, dst, dst_stride,
+      ok = emulate<uint4>(layer_ptrs, num_layers, src, src_stride, dst, dst_stride,
                      num_pairs, plan);
       break;
     default:
       return -1;
   }
-  return plan.unit;
+  return ok ? plan.unit : -2;
 }
 #endif  // MULTIVERSE_HOST_EMULATION

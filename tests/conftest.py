@@ -10,6 +10,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "models" / "multiverse-tiny"
 
+# vLLM's CUDA platform stood in for: only in the process test_cuda_platform.py starts.
+CUDA_PLATFORM_ENV = "MULTIVERSE_CUDA_PLATFORM_TESTS"
+collect_ignore = [] if os.environ.get(CUDA_PLATFORM_ENV) == "1" else ["cuda_platform"]
+
 # Small enough for 2 cores and 24 GiB; the CPU worker's default share of the
 # NUMA node does not fit here (see shared notes).
 LLM_DEFAULTS = dict(

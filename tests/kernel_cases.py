@@ -135,3 +135,18 @@ def random_rows(
             rects.append((q0, q1, k0, k1))
         rows.append(MaskedRow(start, q_len, tuple(rects)))
     return rows
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Most bytes CPU tensors held at once while ``fn()`` ran, beyond what
+    was held before: the profiler's allocation events, summed in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak

@@ -134,3 +134,55 @@ def vec_cache(rng, rows, block_size, heads, head_size, extra_blocks=3):
         k_rows.append(k)
         v_rows.append(v)
     return kv, block_ids, k_rows, v_rows
+
+
+def structured_row(rng, kv_len: int, q_len: int, path_len: int):
+    """One row of ``q_len`` queries against exactly ``kv_len`` keys, over a
+    structured sequence (Parallel blocks of Paths of about ``path_len``
+    tokens) cut so that its last token sits in a later Path (it does not see
+    an earlier sibling): (row, the sequence's Structure)."""
+    ids = structured_ids(rng, kv_len // path_len + 2, path_len)
+    rects = analyze(ids, TOKENS).hidden_rects()
+    last = max(min(q1, kv_len) - 1 for q0, q1, _, _ in rects if q0 < kv_len)
+    # A longer prompt moves the last hiding token to the row's end.
+    ids = [VOCAB["a"]] * (kv_len - 1 - last) + ids[: last + 1]
+    s = analyze(ids, TOKENS)
+    assert len(ids) == kv_len and not s.notes, s.notes
+    return MaskedRow(kv_len - q_len, q_len, tuple(s.hidden_rects())), s
+
+
+def mixed_case(rng, n_masked: int, n_causal: int):
+    """A whole step: masked rows (prompts holding blocks, rows ending inside a
+    Path) and causal rows (plain decodes and prefill chunks, no rectangles),
+    shuffled: (rows, dense masks [q_len, kv_len], indices of the masked rows)."""
+    rows, dense = masked_case(rng, n_masked, n_blocks=3, path_len=50)
+    more, more_dense = masked_case(rng, n_masked, n_blocks=2, path_len=40, q_len=1, in_path=True)
+    rows, dense = rows + more, dense + more_dense
+    for _ in range(n_causal):
+        kv_len = int(rng.integers(20, 600))
+        q_len = int(rng.choice([1, 1, kv_len, int(rng.integers(1, kv_len + 1))]))
+        rows.append(MaskedRow(kv_len - q_len, q_len, ()))
+        dense.append(torch.ones(kv_len, kv_len, dtype=torch.bool).tril()[kv_len - q_len :])
+    order = rng.permutation(len(rows))
+    masked = [j for j, i in enumerate(order) if i < 2 * n_masked]
+    return [rows[i] for i in order], [dense[i] for i in order], masked
+
+
+def reference_attention_tiled(q, k, v, allowed, scale, q_tile: int = 1024):
+    """:func:`reference_attention` for rows too long for one float64 score
+    tensor (8k queries x 32k keys x 40 heads is 80 GiB): per tile of queries
+    and per KV head, float64; returns float32 [q, Hq, D]. ``allowed`` [q, kv]
+    may live on the host: a tile of it is copied to q's device once."""
+    n, hq, d = q.shape
+    hk = k.shape[1]
+    rep = hq // hk
+    out = torch.empty(n, hq, d, dtype=torch.float32, device=q.device)
+    for t0 in range(0, n, q_tile):
+        t1 = min(n, t0 + q_tile)
+        hidden = ~allowed[t0:t1].to(q.device)
+        for h in range(hk):
+            heads = slice(h * rep, (h + 1) * rep)
+            s = torch.einsum("trd,kd->rtk", q[t0:t1, heads].double(), k[:, h].double()) * scale
+            p = torch.softmax(s.masked_fill_(hidden, float("-inf")), dim=-1)
+            out[t0:t1, heads] = torch.einsum("rtk,kd->trd", p, v[:, h].double()).float()
+    return out

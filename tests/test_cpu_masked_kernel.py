@@ -29,7 +29,7 @@ def kernel_attend(batch, query, kv, output, scale):
         table[i, : batch.num_pages(i)] = batch.block_ids[i][: batch.num_pages(i)]
     t = torch.from_numpy(qsl)
     cpu_masked.attend(query, kv, output, t[:-1], t[1:] - t[:-1], torch.tensor([r.kv_len for r in batch.rows]),
-                      torch.from_numpy(table), batch.request_rects(qsl), scale)
+                      torch.from_numpy(table), batch.request_rects(), scale)
 
 
 SHAPES = {  # (rows, n_blocks, q_len, ends inside a Path) per part of the batch

@@ -140,15 +140,19 @@ def test_copy_kernel_code_groups_mixed_layers(lib):
     assert all(torch.equal(kv, w) for kv, w in zip(caches, want))
 
 
-def test_copy_kernel_code_skips_slots_out_of_range(lib):
+def test_copy_kernel_code_stops_at_a_slot_out_of_range(lib):
+    """A slot outside the cache is a bookkeeping bug: the kernel traps
+    (the emulation returns -2) instead of skipping the pair."""
     _, caches = layered_caches("LBNHC", 1, 2, 2, 16, 16, torch.float32)
-    before = caches[0].clone()
-    src = torch.tensor([5, 32, -1, 7])
-    dst = torch.tensor([40, 3, 4, 9])
-    emulate_copy(lib, caches, src, dst)
-    want = before.clone()
-    want[0, :, 9] = before[0, :, 7]  # the only pair in range
-    assert torch.equal(caches[0], want)
+    for src, dst in (([5, 32], [40, 3]), ([7, -1], [9, 4]), ([7, 3], [9, 32])):
+        kv = caches[0]
+        table = (i64 * 1)(kv.data_ptr())
+        s, d = torch.tensor(src), torch.tensor(dst)
+        unit = lib.multiverse_host_copy_kv_slots(
+            ctypes.cast(table, ptr), 1, kv.data_ptr(), s.data_ptr(), 1, d.data_ptr(), 1, 2,
+            *kv.shape, kv.element_size(), *kv.stride(),
+        )  # fmt: skip
+        assert unit == -2, (src, dst)
 
 
 def emulate_pack(lib, rows, total=None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kernel_cases import (
     ORDERS,
+    cpu_peak_bytes,
     dense_mask,
     layered_caches,
     packed_reference,
@@ -25,6 +26,7 @@ from vllm_multiverse.kernels.kv_copy import (
     unique_caches,
 )
 from vllm_multiverse.kernels.packed_mask import (
+    PACK_TRANSIENT_BYTES,
     MaskedRow,
     pack_masks,
     pack_masks_torch,
@@ -157,12 +159,32 @@ def test_dense_reference_is_not_trivial():
     ]
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(_row, min_size=1, max_size=4))
-def test_pack_masks_on_cpu_is_pack_masks_torch(rows):
-    packed, indptr = pack_masks(rows, "cpu")
-    want, want_indptr = pack_masks_torch(rows)
-    assert torch.equal(packed, want) and torch.equal(indptr, want_indptr)
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_row, min_size=1, max_size=4), st.integers(1, 64))
+def test_pack_masks_in_chunks_is_packbits_of_the_dense_rule(rows, chunk_bytes):
+    """The packing holds a chunk of query rows at a time (at least 8 rows,
+    so every chunk starts on a byte); any chunk size gives the same bytes."""
+    packed, indptr = pack_masks(rows, "cpu") if chunk_bytes == 64 else pack_masks_torch(rows, chunk_bytes=chunk_bytes)
+    want, want_indptr = packed_reference(rows)
+    assert indptr.tolist() == want_indptr and np.array_equal(packed.numpy(), want)
+
+
+def test_pack_masks_never_holds_a_rows_dense_mask():
+    """One row of 4k queries against 32k keys: 16 MiB packed, 128 MiB as a
+    dense bool mask (four times that as the int32 the packing used to make);
+    the chunked packing holds the packed bytes and a few chunks."""
+    row = MaskedRow(32768 - 4096, 4096, ((30000, 31000, 100, 20000), (0, 40000, 5000, 6000)))
+    dense_bytes = row.q_len * row.kv_len
+    peak = cpu_peak_bytes(lambda: pack_masks([row], "cpu"))
+    assert peak <= row.num_bytes + PACK_TRANSIENT_BYTES < dense_bytes
+    packed, _ = pack_masks([row], "cpu")
+    # Spot rows against the rule (the whole dense reference is what is avoided).
+    for r in (0, 1, 1023, 1024, 2047, 3000, 4095):
+        bits = np.zeros(row.kv_len, dtype=bool)  # keys after the query: hidden (causal)
+        bits[: row.start + r + 1] = dense_mask(MaskedRow(row.start + r, 1, row.rects))[0]
+        want = np.packbits(bits, bitorder="little")
+        got = packed.numpy()[r * row.kv_len // 8 : (r + 1) * row.kv_len // 8]
+        assert np.array_equal(got, want), r
 
 
 def test_rect_tensors_are_the_kernels_inputs():
@@ -177,3 +199,15 @@ def test_rect_tensors_are_the_kernels_inputs():
     assert t["byte_indptr"].tolist() == packed_reference(rows)[1]
     assert t["rect_indptr"].tolist() == [0, 2, 2, 3]
     assert t["rects"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [0, 9, 0, 1]]
+
+
+@pytest.mark.parametrize("bad", [(-1, 5), (3, -16), (0, SCHED_BLOCKS * 32), (SCHED_BLOCKS * 32 + 7, 1)])
+def test_a_slot_outside_the_cache_stops_the_copy(bad):
+    """A pair outside the cache is a bookkeeping bug: the copy raises before
+    touching any layer (torch indexing would wrap a negative slot around
+    to the cache's last blocks; the CUDA kernel traps)."""
+    base, caches, copies = _case("LBNHC", 16, 32, torch.float32)
+    before = base.clone()
+    with pytest.raises(IndexError, match="outside the cache"):
+        copy_token_slots(caches, copies[:3] + [bad] + copies[3:])
+    assert torch.equal(base, before)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import vllm_views
 from kernel_cases import (
     ORDERS,
     STRIDED_CONTENT,
@@ -23,6 +24,7 @@ from vllm_multiverse.kernels.packed_mask import (
     pack_masks_torch,
     rect_tensors,
 )
+from vendor.kv_cache_layout import KVCacheLayout
 
 
 def _compiled_ops() -> str | None:
@@ -138,6 +140,27 @@ def test_copy_token_slots_uses_the_kernel_and_groups_layers():
     copy_token_slots(caches, copies)
     torch.cuda.synchronize()
     assert all(torch.equal(kv, w) for kv, w in zip((a[0], b[0], a[1], b[1]), want))
+
+
+@pytest.mark.parametrize("layout,kernel_block", [("LBNHC", 16), ("LBHNC", 16), ("BLNHC", 64)])
+def test_copy_kernel_on_vllm_views(layout, kernel_block):
+    """The views a vLLM 0.32 worker hands the backends (one int8 buffer,
+    ``as_strided`` per layer: tests/vllm_views.py), 64-token scheduler blocks
+    split into kernel blocks where vLLM splits them, a Multiverse-32B layer
+    shape: the kernel writes exactly the bytes the torch copy writes."""
+    made = [
+        vllm_views.kv_cache_views(KVCacheLayout[layout], 4, 40, 64, kernel_block, 8, 128, torch.bfloat16, "cuda")
+        for _ in range(2)
+    ]
+    (raw, views), (want_raw, want) = made
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    raw.copy_(torch.randint(-128, 128, raw.shape, dtype=torch.int8, device="cuda", generator=gen))
+    want_raw.copy_(raw)
+    copies = random_copies(np.random.default_rng(1), 40 * 64, 600)
+    copy_token_slots(views, copies)
+    copy_token_slots_torch(want, *slot_tensors(copies, raw.device))
+    torch.cuda.synchronize()
+    assert torch.equal(raw, want_raw)
 
 
 def test_copy_kernel_checks_its_arguments():

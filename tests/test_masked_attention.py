@@ -70,12 +70,11 @@ def test_sequential_equals_the_reference_and_uses_the_mask(llm):
 def test_sequential_on_the_sdpa_route_equals_the_reference(llm, monkeypatch):
     """Where the CPU kernel is absent, the masked rows go through SDPA over
     K/V gathered by the block ids the runner reads off vLLM's table."""
-    from vllm_multiverse.kernels import cpu_masked
     from vllm_multiverse.vllm032 import attention
 
     calls = []
     real = attention.sdpa_masked_rows
-    monkeypatch.setattr(cpu_masked, "cpu_kernel", lambda: None)
+    monkeypatch.setattr(attention.MaskedRowsImpl, "route", "sdpa")
     monkeypatch.setattr(attention, "sdpa_masked_rows", lambda *a: calls.append(1) or real(*a))
     prompts = held_out_prompts(16)[8:12]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)

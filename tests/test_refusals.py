@@ -100,6 +100,21 @@ def test_start_up_refuses(case):
         assert "--dtype float32" in msg
 
 
+def test_the_rust_frontend_is_refused(monkeypatch):
+    """It bypasses vLLM's Python input processor, where each request is
+    checked (``per_request.py``): the per-request refusals would vanish."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_multiverse.vllm032.validate import MultiverseConfigError
+
+    monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "1")
+    with pytest.raises(MultiverseConfigError, match="VLLM_USE_RUST_FRONTEND=1") as err:
+        EngineArgs(**BASE).create_engine_config()
+    assert "--no-multiverse-enabled" in str(err.value)
+    cfg = EngineArgs(**(BASE | {"additional_config": {"multiverse": {"enabled": False}}})).create_engine_config()
+    assert "multiverse" not in str(cfg.scheduler_config.scheduler_cls).lower()
+
+
 # Whole model configs of other architectures, with the tiny model's tokenizer
 # and declaration (vLLM reads only the config at start-up).
 OTHER_MODELS = {

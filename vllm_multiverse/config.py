@@ -37,10 +37,11 @@ class MultiverseConfig:
     # The structure rule's own limits (malformed beyond them: causal text).
     max_outlines: int = StructureConfig.max_outlines
     max_nesting: int = StructureConfig.max_depth
-    # How masked rows are recomputed on CUDA: FlashInfer's masked paged
-    # prefill, or SDPA over the gathered K/V (a debugging route); "auto":
-    # FlashInfer where it is installed. Start-up stores the route it chose.
-    # On CPU it is SDPA.
+    # How a step with masked rows is computed on CUDA: FlashInfer's masked
+    # paged prefill (the whole step), or SDPA over the gathered K/V (the
+    # masked rows, after vLLM's kernel); "auto": FlashInfer where it is
+    # installed and its module builds while the model loads, else SDPA
+    # ("flashinfer" refuses to start instead). On CPU: the CPU kernel, or SDPA.
     masked_attention: MaskedAttention = "auto"
 
     def __post_init__(self) -> None:

@@ -34,6 +34,17 @@ def unique_caches(kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def check_slots(copies: list[tuple[int, int]], num_slots: int) -> None:
+    """Raise for a slot outside the cache, on the host where the pairs are
+    (no device sync): a bookkeeping error must stop the step, not turn into
+    KV silently left uncopied."""
+    lo = min(min(pair) for pair in copies)
+    hi = max(max(pair) for pair in copies)
+    if lo < 0 or hi >= num_slots:
+        bad = next(pair for pair in copies if not (0 <= pair[0] < num_slots and 0 <= pair[1] < num_slots))
+        raise IndexError(f"Multiverse KV copy {bad} outside the cache's {num_slots} token slots")
+
+
 def slot_tensors(copies: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = torch.tensor(copies, dtype=torch.int64).reshape(-1, 2)
     if device.type == "cuda":
@@ -48,6 +59,7 @@ def copy_token_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]
     if not copies or not kv_caches:
         return
     caches = unique_caches(kv_caches)
+    check_slots(copies, min(kv.shape[0] * kv.shape[2] for kv in caches))
     src, dst = slot_tensors(copies, caches[0].device)
     if caches[0].is_cuda and _ext.has_op("copy_kv_slots"):
         _ext.ops().copy_kv_slots(caches, src, dst)

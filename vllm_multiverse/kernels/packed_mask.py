@@ -39,10 +39,12 @@ class MaskedRow:
         return -(-self.q_len * self.kv_len // 8)
 
 
-def allowed_rows(rects, start: int, end: int, device=None) -> torch.Tensor:
-    """Boolean [end - start, end]: query row r (token start + r) may see key k."""
+def allowed_rows(rects, start: int, end: int, device=None, kv_len: int | None = None) -> torch.Tensor:
+    """Boolean [end - start, kv_len]: query row r (token start + r) may see
+    key k; ``kv_len`` defaults to ``end`` (the keys up to the last query)."""
+    kv_len = end if kv_len is None else kv_len
     q = torch.arange(start, end, device=device).unsqueeze(1)
-    allowed = torch.arange(end, device=device).unsqueeze(0) <= q
+    allowed = torch.arange(kv_len, device=device).unsqueeze(0) <= q
     for q0, q1, k0, k1 in rects:
         allowed[max(q0, start) - start : max(0, min(q1, end) - start), k0:k1] = False
     return allowed
@@ -55,20 +57,39 @@ def byte_indptr(rows: list[MaskedRow]) -> list[int]:
     return out
 
 
-_BIT_WEIGHTS = [1 << b for b in range(8)]
+# Transient bytes of one chunk of the torch packing: the chunk's dense bool
+# mask. A row of 8k queries against 32k keys is 256 Mbit, so it is packed
+# a chunk of query rows at a time, never as one dense mask.
+PACK_CHUNK_BYTES = 16 * 2**20
+# What the torch packing holds beside the packed bytes: a chunk's mask, its
+# padded copy, as uint8, shifted (the sum is a byte per 8), and small change.
+PACK_TRANSIENT_BYTES = 4 * PACK_CHUNK_BYTES + 2**20
 
 
-def pack_masks_torch(rows: list[MaskedRow], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 mask, int32 byte indptr [len(rows) + 1]) in torch ops."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=device)
-    parts = []
-    for row in rows:
-        bits = allowed_rows(row.rects, row.start, row.kv_len, device).reshape(-1)
-        pad = row.num_bytes * 8 - bits.numel()
-        bits = torch.nn.functional.pad(bits, (0, pad)).view(-1, 8)
-        parts.append((bits.to(torch.int32) * weights).sum(1).to(torch.uint8))
-    packed = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device)
-    return packed, torch.tensor(byte_indptr(rows), dtype=torch.int32, device=device)
+def _chunk_queries(kv_len: int, chunk_bytes: int) -> int:
+    """Query rows per chunk: a multiple of 8, so every chunk of a row's
+    segment starts on a byte (``8 * kv_len`` bits are whole bytes)."""
+    return max(8, chunk_bytes // max(kv_len, 1) // 8 * 8)
+
+
+def pack_masks_torch(
+    rows: list[MaskedRow], device=None, chunk_bytes: int = PACK_CHUNK_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 mask, int32 byte indptr [len(rows) + 1]) in torch ops,
+    holding at most about ``chunk_bytes`` of dense mask at a time."""
+    indptr = byte_indptr(rows)
+    packed = torch.empty(indptr[-1], dtype=torch.uint8, device=device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    for row, at in zip(rows, indptr):
+        per = _chunk_queries(row.kv_len, chunk_bytes)
+        for q0 in range(row.start, row.kv_len, per):
+            q1 = min(q0 + per, row.kv_len)
+            bits = allowed_rows(row.rects, q0, q1, device, kv_len=row.kv_len).reshape(-1)
+            n = -(-bits.numel() // 8)
+            bits = torch.nn.functional.pad(bits, (0, n * 8 - bits.numel())).view(n, 8)
+            first = at + (q0 - row.start) * row.kv_len // 8
+            packed[first : first + n] = (bits.to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+    return packed, torch.tensor(indptr, dtype=torch.int32, device=device)
 
 
 def rect_tensors(rows: list[MaskedRow], device=None) -> dict[str, torch.Tensor]:

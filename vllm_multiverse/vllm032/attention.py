@@ -3,28 +3,26 @@ needs one.
 
 vLLM 0.32 has no backend that takes a custom mask (and removed cascade
 attention). Fork/merge decoding needs none: a branch is a causal request
-with shifted positions. The rows that do (a prompt that holds Parallel
+with shifted positions. The steps that do (a prompt that holds Parallel
 blocks, a merged request recomputed after preemption, sequential decoding)
-arrive as ``attn_metadata.multiverse_masks``
+arrive with ``attn_metadata.multiverse_masks``
 (:class:`~vllm_multiverse.kernels.masked_attention.MaskedBatch`, set by the
-runner). Each backend here is vLLM's own with its impl subclassed: on CPU
-the Multiverse kernel computes a step with masked rows alone (every row,
-over the paged cache: the KV write has already run); elsewhere the stock
-kernel runs for the whole batch, then the masked rows are recomputed and
-overwrite their output. Batches with nothing to mask are vLLM's kernel alone.
+runner). Each backend here is vLLM's own with its impl subclassed; steps
+with nothing to mask are vLLM's kernel alone.
+
+Routes for a step with masked rows: on CPU, the Multiverse kernel
+(``csrc/cpu/masked_attention.cpp``) and on CUDA FlashInfer's masked paged
+prefill compute every request of the step in place of vLLM's kernel
+(causal rows included, so no row is computed twice); SDPA over the
+gathered K/V overwrites the masked rows after vLLM's kernel where neither
+runs (CPU without the built kernel, CUDA without a FlashInfer that builds,
+or ``--multiverse-masked-attention sdpa``).
 
 The subclasses replace vLLM's entries through ``register_backend`` (vLLM's
 custom-backend registration), in the worker of a Multiverse engine only,
 before its model is built; ``get_name()`` stays vLLM's. A class is made the
 first time vLLM resolves its path, so a backend whose library is missing
 (FlashInfer) is imported only if it is chosen.
-
-Routes for the masked rows: on CPU, the Multiverse kernel
-(``csrc/cpu/masked_attention.cpp``) computes the whole step in place of
-vLLM's kernel (causal rows included, so nothing is computed twice); SDPA per
-row over the gathered K/V where that kernel is not built (and on CUDA with
-``--multiverse-masked-attention sdpa``); FlashInfer's masked paged prefill
-(CUDA default where FlashInfer is installed).
 """
 
 from __future__ import annotations
@@ -36,9 +34,11 @@ from vllm_multiverse.kernels.masked_attention import (
     FlashInferMaskedPrefill,
     MaskedBatch,
     flashinfer_layout,
+    flashinfer_prefill,
     gather_logical,
     sdpa_masked_rows,
 )
+from vllm_multiverse.vllm032.cpu.kv_layout import gather_kv
 
 # vLLM backend (its AttentionBackendEnum name) -> module, backend class, impl class.
 BACKENDS = {
@@ -50,77 +50,73 @@ BACKENDS = {
 CUDA_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
 _PREFIX = "Multiverse_"
 
-# One FlashInfer workspace per (device, layout) in this process.
-_FLASHINFER: dict = {}
-
-
 class MaskedRowsImpl:
-    """Mixin for a vLLM attention impl: its forward, then the masked rows."""
+    """Mixin for a vLLM attention impl: a step with masked rows goes to the
+    Multiverse route, every other step to vLLM's forward."""
 
-    # "sdpa" or "flashinfer"; set for the process by register().
+    # The route of this process's steps with masked rows: "cpu" (the CPU
+    # kernel), "flashinfer" (CUDA) or "sdpa"; settled by the worker, at
+    # register() and, on CUDA, once FlashInfer's module is built (cuda/worker.py).
     route = "sdpa"
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         batch = getattr(attn_metadata, "multiverse_masks", None)
-        if batch and self._cpu_kernel_step(batch, query, kv_cache, attn_metadata, output):
+        if not batch:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if self.route != "sdpa" and self._plain() and self._whole_step(batch, query, kv_cache, attn_metadata, output):
             return output
+        # SDPA recomputes the masked rows after vLLM's kernel computed the
+        # whole batch: those rows cost one causal attention more
+        # (docs/attention.md).
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if batch:
-            self.recompute_masked_rows(batch, query, kv_cache, output)
+        gather = gather_kv if kv_cache.device.type == "cpu" else gather_logical
+        sdpa_masked_rows(batch, query, kv_cache, output, self.scale, gather)
         return out
 
-    def _cpu_kernel_step(self, batch: MaskedBatch, query, kv_cache, md, output) -> bool:
-        """On CPU, a step with masked rows is the Multiverse kernel's alone:
-        every request of the batch (a causal row is one without rectangles)
-        in place over the cache, so no row is computed twice. vLLM wrote the
-        step's K/V before ``forward`` (``do_kv_cache_update``). False where
-        the kernel is not built or does not take this layer."""
-        if kv_cache.device.type != "cpu" or cpu_masked.cpu_kernel() is None:
-            return False
-        plain = (
+    def _plain(self) -> bool:
+        """Whether this layer is what the whole-step routes compute (every
+        layer of a Multiverse engine is: start-up refused the rest)."""
+        return (
             self.attn_type == "decoder"
-            and self.sliding_window == -1
+            and self.sliding_window in (None, -1, (-1, -1))
             and self.alibi_slopes is None
             and not self.logits_soft_cap
-            and self.sinks is None
+            and getattr(self, "sinks", None) is None
             and self.kv_cache_dtype == "auto"
         )
-        if not plain or not cpu_masked.kernel_supports(query, kv_cache):
-            return False
-        n, qsl = md.num_actual_tokens, md.query_start_loc
-        r = len(qsl) - 1
-        cpu_masked.attend(
-            query[:n],
-            kv_cache,
-            output[:n],
-            qsl[:-1],
-            qsl[1:] - qsl[:-1],
-            md.seq_lens[:r],
-            md.block_table[:r],
-            batch.request_rects(qsl.numpy()),
-            self.scale,
-        )
+
+    def _whole_step(self, batch: MaskedBatch, query, kv_cache, md, output) -> bool:
+        """Every request of the step through one masked kernel, in place of
+        vLLM's (a causal request is a row without rectangles), so no row is
+        computed twice. vLLM wrote the step's K/V before ``forward``
+        (``do_kv_cache_update``). False where the CPU kernel does not take
+        this layer."""
+        if self.route == "cpu":
+            if not cpu_masked.kernel_supports(query, kv_cache):
+                return False
+            qsl = md.query_start_loc
+            r = len(batch.rows)
+            cpu_masked.attend(
+                query[: md.num_actual_tokens],
+                kv_cache,
+                output[: md.num_actual_tokens],
+                qsl[:r],
+                qsl[1 : r + 1] - qsl[:r],
+                md.seq_lens[:r],
+                md.block_table[:r],
+                batch.request_rects(),
+                self.scale,
+            )
+            return True
+        self._flashinfer(batch, query, kv_cache).run(batch, query, kv_cache, output)
         return True
-
-    def recompute_masked_rows(self, batch: MaskedBatch, query, kv_cache, output) -> None:
-        if kv_cache.device.type == "cpu":
-            from vllm_multiverse.vllm032.cpu.kv_layout import gather_kv
-
-            sdpa_masked_rows(batch, query, kv_cache, output, self.scale, gather_kv)
-        elif self.route == "sdpa":
-            sdpa_masked_rows(batch, query, kv_cache, output, self.scale, gather_logical)
-        else:
-            self._flashinfer(batch, query, kv_cache).run(batch, query, kv_cache, output)
 
     def _flashinfer(self, batch: MaskedBatch, query, kv_cache) -> FlashInferMaskedPrefill:
         layout = flashinfer_layout(kv_cache)
         shape = (self.num_heads, self.num_kv_heads, self.head_size, query.dtype, kv_cache.dtype, self.scale)
 
         def plan() -> FlashInferMaskedPrefill:
-            key = (str(kv_cache.device), layout)
-            prefill = _FLASHINFER.get(key)
-            if prefill is None:
-                prefill = _FLASHINFER[key] = FlashInferMaskedPrefill(kv_cache.device, layout)
+            prefill = flashinfer_prefill(kv_cache.device, layout)
             prefill.plan(batch, *shape)
             return prefill
 
@@ -128,14 +124,14 @@ class MaskedRowsImpl:
         return batch.cached(("flashinfer", layout, shape), plan)
 
 
-def register(platform_is_cpu: bool, route: str) -> None:
+def register(platform_is_cpu: bool) -> None:
     """Point vLLM's backend entries at the Multiverse subclasses, for
     every model this process builds from now on."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    MaskedRowsImpl.route = route
-    if platform_is_cpu:
-        cpu_masked.cpu_kernel()  # built or loaded at start-up, not in a request's first masked step
+    # On CPU the kernel is built or loaded now, not in a request's first
+    # masked step; CUDA settles its route once the model is loaded.
+    MaskedRowsImpl.route = "cpu" if platform_is_cpu and cpu_masked.cpu_kernel() is not None else "sdpa"
     for name in ("CPU_ATTN",) if platform_is_cpu else CUDA_BACKENDS:
         register_backend(AttentionBackendEnum[name], f"{__name__}.{_PREFIX}{name}")
 
@@ -150,10 +146,13 @@ def __getattr__(attr: str):
     if name not in _made:
         module, backend_name, impl_name = BACKENDS[name]
         mod = importlib.import_module(module)
-        impl = type(f"Multiverse{impl_name}", (MaskedRowsImpl, getattr(mod, impl_name)), {})
-        backend = getattr(mod, backend_name)
+        impl = type(f"{attr}_Impl", (MaskedRowsImpl, getattr(mod, impl_name)), {"__module__": __name__})
+        # Named as this module answers it: the CUDA platform hands vLLM's
+        # selector ``__module__ + "." + __qualname__`` of the class, which
+        # vLLM resolves again through this module's ``__getattr__``.
         _made[name] = type(
-            f"Multiverse{backend_name}", (backend,), {"get_impl_cls": staticmethod(lambda: impl), "__module__": __name__}
+            attr,
+            (getattr(mod, backend_name),),
+            {"get_impl_cls": staticmethod(lambda: impl), "__module__": __name__},
         )
-        impl.__module__ = __name__
     return _made[name]

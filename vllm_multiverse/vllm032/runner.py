@@ -117,11 +117,24 @@ class MultiverseRunnerMixin:
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
+        self._multiverse_after_load()
+
+    def _multiverse_after_load(self) -> None:
+        """What the model's built attention layers decide (``load_model``,
+        after vLLM's own)."""
         check_attention_layers(self.vllm_config)
         self.cudagraph_dispatcher.__class__ = MultiverseCudagraphDispatcher
 
     def _update_states(self, scheduler_output):
-        step: MultiverseStep = getattr(scheduler_output, "multiverse", _EMPTY)
+        step: MultiverseStep | None = getattr(scheduler_output, "multiverse", None)
+        if step is None:
+            # Without its step data a step would decode with token-index
+            # positions and without the merge's copies: wrong tokens, silently.
+            raise RuntimeError(
+                "Multiverse worker: a step arrived without its Multiverse step data "
+                "(SchedulerOutput.multiverse), which the Multiverse scheduler sets on every step; "
+                "the transport between scheduler and workers dropped it"
+            )
         cached = scheduler_output.scheduled_cached_reqs
         # A merged parent resumes with tokens the runner has not seen (the
         # Paths and the Conclusion header); the sync V1 runner would keep its
@@ -176,20 +189,22 @@ class MultiverseRunnerMixin:
         return ret
 
     def _masked_batch(self, masks) -> MaskedBatch:
+        """Every request of the step (the whole-step routes compute them
+        all), the ones in ``masks`` marked masked."""
         qsl = self.query_start_loc.np
         seq_lens = self.optimistic_seq_lens_cpu.numpy()
         table = self.input_batch.block_table[0]
-        rows, offsets, where = [], [], []
+        rows, offsets, where, masked = [], [], [], []
         for i, rid in enumerate(self.input_batch.req_ids):
             rects = masks.get(rid)
-            if rects is None:
-                continue
+            if rects is not None:
+                masked.append(i)
             a, q_len, end = int(qsl[i]), int(qsl[i + 1] - qsl[i]), int(seq_lens[i])
-            rows.append(MaskedRow(end - q_len, q_len, tuple(rects)))
+            rows.append(MaskedRow(end - q_len, q_len, tuple(rects or ())))
             offsets.append(a)
             where.append((i, end))
         kernel_block = self._kernel_block_sizes[0]
-        return MaskedBatch(rows, offsets, KernelBlockIds(table, where, kernel_block), kernel_block)
+        return MaskedBatch(rows, offsets, KernelBlockIds(table, where, kernel_block), kernel_block, masked)
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)

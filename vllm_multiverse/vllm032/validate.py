@@ -30,11 +30,15 @@ def refuse(feature: str, detail: str) -> None:
     raise MultiverseConfigError(feature, detail)
 
 
-def validate(vllm_config, engine_args=None) -> None:
+def validate(vllm_config, engine_args=None, runner_chosen: bool = True) -> None:
     """Raise :class:`MultiverseConfigError` for the first setting the engine
-    does not handle; ``engine_args`` tells what the user asked for."""
+    does not handle; ``engine_args`` tells what the user asked for. Before
+    the model runner is chosen (``runner_chosen=False``), the engine and
+    the model only."""
     _check_engine(vllm_config, engine_args)
     _check_model(vllm_config.model_config)
+    if not runner_chosen:
+        return
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -60,10 +64,33 @@ def _check_engine(vllm_config, engine_args) -> None:
         refuse("encoder-cache connectors", "Multiverse decoding serves text-only models.")
     if getattr(vllm_config, "watermark_config", None) is not None:
         refuse("watermarking", "a watermark depends on the tokens before it, which differ between Paths.")
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+    par = vllm_config.parallel_config
+    if par.pipeline_parallel_size > 1:
         refuse(
             "pipeline parallelism",
             "forks and merges need each step's output before the next step is scheduled.",
+        )
+    for name, flag in (("decode", "--decode-context-parallel-size"), ("prefill", "--prefill-context-parallel-size")):
+        size = getattr(par, f"{name}_context_parallel_size", 1)
+        if size > 1:
+            refuse(
+                f"{name} context parallelism ({flag} {size})",
+                "it interleaves a request's KV across ranks, so the merge's KV copies and the masked rows "
+                f"would read other tokens than they name; leave {flag} at 1.",
+            )
+    if par.enable_dbo:
+        refuse(
+            "dual-batch overlap (--enable-dbo)",
+            "a micro-batched step carries its attention metadata per micro-batch, which the masked rows "
+            "are not split by; leave --enable-dbo off.",
+        )
+    from vllm import envs
+
+    if envs.VLLM_USE_RUST_FRONTEND:
+        refuse(
+            "the Rust frontend (VLLM_USE_RUST_FRONTEND=1)",
+            "it bypasses vLLM's Python input processor, where each request is checked for what Multiverse "
+            "decoding cannot serve exactly; unset it.",
         )
     unaware = _unaware_logits_processors(vllm_config.model_config.logits_processors)
     if unaware:

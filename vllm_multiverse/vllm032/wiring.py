@@ -101,13 +101,16 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
         refuse(f"--worker-cls {par.worker_cls}", "Multiverse decoding needs its own worker.")
     sched.scheduler_cls = SCHEDULER_CLS
     par.worker_cls = WORKERS[platform][1]
+    # Refused here if it cannot be had at all; the worker settles the route
+    # when FlashInfer's module is built or loaded (cuda/worker.py).
     route = masked_route(cfg.masked_attention, platform, importlib.util.find_spec("flashinfer") is not None)
-    cfg = replace(cfg, masked_attention=route)
     if platform == "cuda":
         logger.info(
-            "Multiverse: V1 model runner; masked rows (prompts holding Parallel blocks, recompute after "
-            "preemption, sequential decoding) through %s; steps with masked rows run without full CUDA graphs",
-            "FlashInfer's masked paged prefill" if route == "flashinfer" else "SDPA over the gathered KV",
+            "Multiverse: V1 model runner; steps with masked rows (prompts holding Parallel blocks, recompute "
+            "after preemption, sequential decoding) through %s, without full CUDA graphs",
+            "FlashInfer's masked paged prefill, built or loaded while the model loads (SDPA where it cannot be)"
+            if route == "flashinfer"
+            else "SDPA over the gathered KV",
         )
     if sched.async_scheduling:
         sched.async_scheduling = False
@@ -189,6 +192,30 @@ def _drop_history_defaults(model_config) -> None:
         )
 
 
+# Whether this process set V2_ENV for a Multiverse engine (the user had not).
+_set_v1_env = False
+
+
+def _choose_v1_runner() -> None:
+    """The runner choice shapes the whole config (CUDA graphs, scheduling),
+    so it is made before vLLM builds the config again, and in the
+    environment the engine's processes inherit."""
+    global _set_v1_env
+    if V2_ENV not in os.environ:
+        os.environ[V2_ENV] = "0"
+        _set_v1_env = True
+    logger.info("Multiverse: the V1 model runner on CUDA (%s=0; docs/attention.md says why)", V2_ENV)
+
+
+def _forget_v1_runner() -> None:
+    """A later engine of this process decides afresh: the earlier one's
+    processes have inherited the switch already, and a stock engine must not."""
+    global _set_v1_env
+    if _set_v1_env:
+        os.environ.pop(V2_ENV, None)
+        _set_v1_env = False
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -197,13 +224,13 @@ def install() -> None:
     original = EngineArgs.create_engine_config
 
     def create_engine_config(self, *args, **kwargs):
+        _forget_v1_runner()
         config = original(self, *args, **kwargs)
         if wants_v1_runner(config):
-            # The runner choice shapes the whole config (CUDA graphs,
-            # scheduling), so it is made before vLLM builds it, and in the
-            # environment the engine's processes inherit.
-            os.environ[V2_ENV] = "0"
-            logger.info("Multiverse: the V1 model runner on CUDA (%s=0; docs/attention.md says why)", V2_ENV)
+            # Refused with the reason and the way out before vLLM's V1 runner
+            # refuses what it lacks (prefill context parallelism) in its words.
+            validate(config, self, runner_chosen=False)
+            _choose_v1_runner()
             config = original(self, *args, **kwargs)
         configure_engine(config, self)
         return config

@@ -49,7 +49,7 @@ class MultiverseCPUWorker(CPUWorker):
     def init_device(self):
         check_vllm_version()
         # Before the model (and its attention layers) is built.
-        attention.register(platform_is_cpu=True, route="sdpa")
+        attention.register(platform_is_cpu=True)
         super().init_device()
         # CPUWorker builds its runner inline (the V1 runner: start-up refused
         # V2), so the class is swapped here.
