@@ -21,16 +21,16 @@ not built (what it times is the kernels).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from gpu_summary import record  # noqa: E402
+from kernel_cases import cuda_ms  # noqa: E402
 from vllm_multiverse.kernels import _ext
 from vllm_multiverse.kernels.kv_copy import copy_token_slots, copy_token_slots_torch, slot_tensors
 from vllm_multiverse.kernels.packed_mask import (
@@ -40,22 +40,6 @@ from vllm_multiverse.kernels.packed_mask import (
     pack_masks_torch,
     rect_tensors,
 )
-
-
-def time_us(fn, reps: int, warmup: int = 3) -> float:
-    """Median µs of fn() on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def row(name: str, us: float, nbytes: int | None = None, ref: float | None = None) -> str:
@@ -99,19 +83,19 @@ def bench_copy(args) -> None:
     torch.cuda.synchronize()
     assert torch.equal(base, want), "kernel and torch fallback disagree"
     results = [
-        ("copy_kv_slots kernel", time_us(lambda: _ext.ops().copy_kv_slots(caches, src, dst), args.reps)),
-        ("copy_token_slots (incl. slot upload)", time_us(lambda: copy_token_slots(caches, copies), args.reps)),
+        ("copy_kv_slots kernel", cuda_ms(lambda: _ext.ops().copy_kv_slots(caches, src, dst), args.reps) * 1e3),
+        ("copy_token_slots (incl. slot upload)", cuda_ms(lambda: copy_token_slots(caches, copies), args.reps) * 1e3),
     ]
     results.append(
         (
             "torch fallback (copy_token_slots_torch)",
-            time_us(lambda: copy_token_slots_torch(caches, src, dst), args.reps),
+            cuda_ms(lambda: copy_token_slots_torch(caches, src, dst), args.reps) * 1e3,
         )
     )
     results.append(
         (
             "device-to-device copy of the same bytes",
-            time_us(lambda: flat_dst.copy_(flat_src), args.reps),
+            cuda_ms(lambda: flat_dst.copy_(flat_src), args.reps) * 1e3,
         )
     )
     ref = results[0][1]
@@ -153,11 +137,11 @@ def bench_mask(args) -> None:
     got = _ext.ops().pack_masks(*inputs, total)
     assert torch.equal(got, pack_masks_torch(rows, dev)[0]), "kernel and pack_masks_torch disagree"
     results = [
-        ("pack_masks kernel", time_us(lambda: _ext.ops().pack_masks(*inputs, total), args.reps)),
-        ("pack_masks (incl. input upload)", time_us(lambda: pack_masks(rows, dev), args.reps)),
+        ("pack_masks kernel", cuda_ms(lambda: _ext.ops().pack_masks(*inputs, total), args.reps) * 1e3),
+        ("pack_masks (incl. input upload)", cuda_ms(lambda: pack_masks(rows, dev), args.reps) * 1e3),
     ]
     results.append(
-        ("pack_masks_torch on the GPU", time_us(lambda: pack_masks_torch(rows, dev), args.reps))
+        ("pack_masks_torch on the GPU", cuda_ms(lambda: pack_masks_torch(rows, dev), args.reps) * 1e3)
     )
     ref = results[0][1]
     for name, us in results:

@@ -37,24 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from gpu_summary import record  # noqa: E402
+from kernel_cases import cuda_ms  # noqa: E402
 
 HQ, HK, D, PAGE, DTYPE = 40, 8, 128, 16, torch.bfloat16
 SCALE = D**-0.5
 LAYERS = 64  # Multiverse-32B (Qwen2.5-32B)
-
-
-def timed(fn, reps: int = 20) -> float:
-    """Mean milliseconds of ``fn`` on the GPU after three warm-ups."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def separate_prefill(layout: str):
@@ -88,7 +75,7 @@ def cases() -> None:
         out = torch.empty(total, HQ * D, device="cuda", dtype=DTYPE)
 
         masked.plan(batch, HQ, HK, D, DTYPE, DTYPE, SCALE)
-        t_masked = timed(lambda: masked.run(batch, query, kv, out))
+        t_masked = cuda_ms(lambda: masked.run(batch, query, kv, out))
 
         # The same prefill with no custom mask: FlashInfer's causal mode.
         plain = batch_of([MaskedRow(r.start, r.q_len, ()) for r in rows], block_ids, PAGE)
@@ -101,11 +88,11 @@ def cases() -> None:
             torch.from_numpy(q_ind), torch.from_numpy(kv_ind), torch.from_numpy(idx).cuda(), torch.from_numpy(last),
             HQ, HK, D, PAGE, causal=True, sm_scale=SCALE, q_data_type=DTYPE, kv_data_type=DTYPE,
         )  # fmt: skip
-        t_causal = timed(lambda: causal.run(plain, query, kv, out))
+        t_causal = cuda_ms(lambda: causal.run(plain, query, kv, out))
 
-        t_sdpa = timed(lambda: sdpa_masked_rows(batch, query, kv, out, SCALE, gather_logical), reps=3)
-        t_pack = timed(lambda: pack_masks(rows, "cuda"))
-        t_pack_torch = timed(lambda: pack_masks_torch(rows, "cuda"), reps=3)
+        t_sdpa = cuda_ms(lambda: sdpa_masked_rows(batch, query, kv, out, SCALE, gather_logical), reps=3)
+        t_pack = cuda_ms(lambda: pack_masks(rows, "cuda"))
+        t_pack_torch = cuda_ms(lambda: pack_masks_torch(rows, "cuda"), reps=3)
         shape = f"{n_rows} x {rows[0].q_len} / {rows[0].kv_len}"
         print(
             f"{name} | {shape} | {t_masked:.3f} | {t_causal:.3f} | {t_masked / t_causal:.2f} | {t_sdpa:.2f} | "
@@ -153,8 +140,8 @@ def whole_step() -> bool:
 
     # (a) the whole step in one FlashInfer call.
     fi_all = flashinfer_prefill(torch.device("cuda"), "NHD")
-    plan_a = timed(lambda: fi_all.plan(step, HQ, HK, D, DTYPE, DTYPE, SCALE), reps=5)
-    run_a = timed(lambda: fi_all.run(step, query, kv, out))
+    plan_a = cuda_ms(lambda: fi_all.plan(step, HQ, HK, D, DTYPE, DTYPE, SCALE), reps=5)
+    run_a = cuda_ms(lambda: fi_all.run(step, query, kv, out))
     want = out.clone()
 
     # (b) causal for every row, then the masked rows again.
@@ -167,7 +154,7 @@ def whole_step() -> bool:
     index = torch.from_numpy(np.concatenate([np.arange(step.offsets[i], step.offsets[i] + rows[i].q_len) for i in masked]))
     index = index.cuda()
     fi_masked = separate_prefill("NHD")
-    plan_b = timed(lambda: fi_masked.plan(only, HQ, HK, D, DTYPE, DTYPE, SCALE), reps=5)
+    plan_b = cuda_ms(lambda: fi_masked.plan(only, HQ, HK, D, DTYPE, DTYPE, SCALE), reps=5)
     masked_out = torch.empty(len(index), HQ * D, device="cuda", dtype=DTYPE)
 
     def recompute_masked():
@@ -214,9 +201,9 @@ def whole_step() -> bool:
         ok &= torch.allclose(out[causal_idx].float(), want[causal_idx].float(), atol=2e-2, rtol=2e-2)
         recompute_masked()
         ok &= torch.allclose(out.float(), want.float(), atol=2e-2, rtol=2e-2)
-    run_masked = timed(recompute_masked)
-    run_varlen = timed(causal_varlen)
-    run_rows = timed(causal_per_row)
+    run_masked = cuda_ms(recompute_masked)
+    run_varlen = cuda_ms(causal_varlen)
+    run_rows = cuda_ms(causal_per_row)
 
     def per_step(plan, run):
         return plan + LAYERS * run

@@ -150,3 +150,22 @@ def cpu_peak_bytes(fn) -> int:
         held += e.nbytes()
         peak = max(peak, held)
     return peak
+
+
+def cuda_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream, after
+    ``warmup`` calls (the GPU tests and benchmarks time with it)."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -9,7 +9,6 @@ heads (TP 1) and 10 / 2 (TP 4), vLLM's NHD and HND cache orders, pages of
 The long rows (2k, 4k and 8k queries against 32k keys) record their times
 and peak memory for scripts/gpu_check.sh's summary."""
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernel_cases import cuda_ms
 from masked_cases import (
     batch_of,
     masked_case,
@@ -116,18 +116,6 @@ def long_sequence():
     return row.rects, torch.from_numpy(s.dense_mask()[KV_LONG - 8192 :].copy())
 
 
-def _cuda_ms(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 @pytest.mark.parametrize(
     "q_len,tp,layout,page",
     [(2048, "tp1", "NHD", 16), (4096, "tp1", "NHD", 16), (8192, "tp1", "NHD", 16), (8192, "tp4", "HND", 64)],
@@ -155,8 +143,8 @@ def test_long_row(long_sequence, q_len, tp, layout, page):
     first = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() - base
     allowance = masked_scratch_bytes("flashinfer", q_len, KV_LONG, hq, hk, D, DTYPE, page)
-    run_ms = _cuda_ms(lambda: fi.run(batch, query, kv, out))
-    plan_ms = _cuda_ms(lambda: fi.plan(batch, hq, hk, D, DTYPE, DTYPE, D**-0.5))
+    run_ms = cuda_ms(lambda: fi.run(batch, query, kv, out), 3, warmup=0)
+    plan_ms = cuda_ms(lambda: fi.plan(batch, hq, hk, D, DTYPE, DTYPE, D**-0.5), 3, warmup=0)
     want = reference_attention_tiled(query, ks[0], vs[0], dense_tail[8192 - q_len :], D**-0.5)
     got = out.view(q_len, hq, D).float()
     record(
