@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m vllm_multiverse.demo
+	$(PY) -m tiny_model.demo
 
 test: setup
 	$(PY) -m pytest
@@ -16,5 +16,5 @@ test-all: setup
 	$(PY) -m pytest -m ""
 
 model: setup
-	$(PY) -m vllm_multiverse.training.train --out models/multiverse-tiny
-	$(PY) -m vllm_multiverse.training.evaluate models/multiverse-tiny --n 200 --out models/multiverse-tiny/eval.json --card
+	$(PY) -m tiny_model.train --out models/multiverse-tiny
+	$(PY) -m tiny_model.evaluate models/multiverse-tiny --n 200 --out models/multiverse-tiny/eval.json --card

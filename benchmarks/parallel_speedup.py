@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny model's task (tiny_model/)
 MODEL = ROOT / "models" / "multiverse-tiny"
 
 
@@ -33,8 +34,8 @@ def run_config(mode: str, batches: list[int], n_max: int, lengths: dict | None, 
     """Runs in a child process: one engine, every batch size."""
     from vllm import LLM, SamplingParams
 
-    from vllm_multiverse.training.evaluate import critical_path
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from tiny_model.evaluate import critical_path
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     extra = {
         "engine": {},

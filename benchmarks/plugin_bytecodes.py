@@ -18,6 +18,9 @@ from collections import Counter
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny model's task (tiny_model/)
+
 TINY = str(Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny")
 
 
@@ -28,13 +31,13 @@ def main():
 
     plugin = os.environ.get("VLLM_PLUGINS") != "none"
     if plugin:
-        from vllm_multiverse.plugin import register
+        from vllm_multiverse.vllm032.plugin import register
 
         register()
     llm = LLM(model=TINY, dtype="float32", enforce_eager=True, max_model_len=2048,
               kv_cache_memory_bytes=1 << 30, seed=0)
     tok = llm.get_tokenizer()
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     tasks = [t for t in held_out_tasks(400) if bool(t.parallel) == (kind == "parallel")]
     texts = ([chat_prompt(tok, t.prompt()) for t in tasks] * n)[:n]

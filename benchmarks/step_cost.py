@@ -31,11 +31,13 @@ import os
 import statistics
 import time
 from collections import defaultdict
+import sys
 from pathlib import Path
 
 from vllm_multiverse.tree import is_branch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny model's task (tiny_model/)
 TINY = ROOT / "models" / "multiverse-tiny"
 KINDS = ("outside", "inside", "fork", "after fork", "merge", "after merge", "prefill")
 
@@ -143,8 +145,8 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_multiverse.plugin import register
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from vllm_multiverse.vllm032.plugin import register
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     register()
     llm = LLM(model=str(TINY), dtype="float32", enforce_eager=True, max_model_len=2048,

@@ -16,7 +16,11 @@ import asyncio
 import statistics
 import tempfile
 import time
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny model's task (tiny_model/)
 
 
 async def one(client, model: str, text: str) -> dict:
@@ -54,8 +58,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 
-    from vllm_multiverse.demo import MODEL_DIR, start_server
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.demo import MODEL_DIR, start_server
+    from tiny_model.train import held_out_tasks
 
     texts = [t.prompt() for t in held_out_tasks(200) if t.parallel][: max(args.batches)]
     proc, base = start_server(Path(tempfile.mkdtemp(prefix="mv-stream-")) / "server.log", progress=False)

@@ -454,7 +454,7 @@ class Parsed:
 
     @property
     def critical_path(self) -> int:
-        # vllm_multiverse.training.evaluate.critical_path on the structure
+        # tiny_model.evaluate.critical_path on the structure
         # already computed (the tests check that the two agree).
         pos = self.structure.positions
         return int(pos[-1] - pos[self.prompt_len - 1])

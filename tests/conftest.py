@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 ROOT = Path(__file__).resolve().parents[1]
+# The tests' own helpers; the tiny model's task (tiny_model/); the replay
+# benchmark's forcing logits processor (benchmarks/forcing.py).
+sys.path[:0] = [str(Path(__file__).parent), str(ROOT), str(ROOT / "benchmarks")]
 TINY_MODEL = ROOT / "models" / "multiverse-tiny"
 
 # vLLM's CUDA platform stood in for: only in the process test_cuda_platform.py starts.
@@ -61,7 +62,7 @@ def in_process_llm(model_dir, **overrides):
     an engine takes 20-30 s to start here)."""
     from vllm import LLM
 
-    from vllm_multiverse.plugin import register
+    from vllm_multiverse.vllm032.plugin import register
 
     register()  # vLLM may have loaded plugins in this process under another allow-list
     with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):

@@ -26,7 +26,7 @@ def reference():
 
 
 def held_out_prompts(n: int) -> list[list[int]]:
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     tok = tokenizer()
     return [tok.encode(chat_prompt(tok, t.prompt()), add_special_tokens=False) for t in held_out_tasks(n)]
@@ -34,7 +34,7 @@ def held_out_prompts(n: int) -> list[list[int]]:
 
 def user_texts(n: int) -> list[str]:
     """The first ``n`` held-out task prompts, as a user writes them."""
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.train import held_out_tasks
 
     return [t.prompt() for t in held_out_tasks(max(16, n))[:n]]
 

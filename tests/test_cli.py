@@ -8,7 +8,7 @@ def parse():
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vllm_multiverse.plugin import register
+    from vllm_multiverse.vllm032.plugin import register
 
     register()
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())

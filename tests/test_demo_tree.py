@@ -4,7 +4,7 @@ critical-path tokens), on hand-written toy sequences."""
 
 from toy_vocab import ID_TO_WORD, TOKENS, ids
 
-from vllm_multiverse.demo import draw_tree, parallelism
+from tiny_model.demo import draw_tree, parallelism
 
 
 class ToyTok:

@@ -153,7 +153,7 @@ def test_max_tokens_inside_a_nested_block(llm):
     from engine_harness import tokenizer
 
     from vllm_multiverse.structure import MultiverseTokens
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.train import held_out_tasks
 
     tok = tokenizer()
     goal_close = MultiverseTokens.from_tokenizer(tok).goal_close

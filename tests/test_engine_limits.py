@@ -49,7 +49,7 @@ def test_merged_outputs_carry_the_request_events(llm):
     """A prompt ending at </Goal> forks at once: its first output is a merge,
     and here its last too (max_tokens ends inside the block). Queue, prefill
     and first-token times come from the events that output carries."""
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     tok = tokenizer()
     task = next(t for t in held_out_tasks(16) if t.parallel)

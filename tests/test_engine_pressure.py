@@ -4,7 +4,7 @@ stay exact; sequential decoding too."""
 
 import pytest
 
-from vllm_multiverse.training.train import chat_prompt
+from tiny_model.train import chat_prompt
 
 from conftest import in_process_llm
 from engine_harness import final_tokens, greedy, held_out_prompts, reference_output, scheduler, step_until, tokenizer
@@ -81,7 +81,7 @@ def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
     """Preempt a request right after a merge: vLLM recomputes it from its
     tokens, and the Paths in them must not see each other (a causal
     recompute gives other tokens after the merge)."""
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.train import held_out_tasks
 
     sched = scheduler(llm)
     task = next(t for t in held_out_tasks(200) if len(t.rounds) == 2)

@@ -39,7 +39,7 @@ def test_compact_mask_expands_to_the_structure_rule(tiny_model_dir):
     from vllm_multiverse.structure import StructureState, analyze
     from vllm_multiverse.tree import Track
     from vllm_multiverse.kernels.packed_mask import allowed_rows
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.train import held_out_tasks
 
     tok = tokenizer()
     mv = read_multiverse_config(AutoConfig.from_pretrained(tiny_model_dir)).tokens
@@ -104,7 +104,7 @@ def _cut_after(tokens: list[int], tag: str, nth: int = 0, extra: int = 2) -> lis
 def test_prompt_holding_parallel_blocks_continues_like_the_reference(llm, mode):
     """A client sends back a structured answer so far: a complete block, and
     one that stops inside a nested block's outer Path."""
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     tok = tokenizer()
     task = next(t for t in held_out_tasks(50) if t.split is not None)

@@ -116,7 +116,7 @@ def test_some_tags_but_not_all_is_an_error_when_asked_for_and_plain_otherwise(mv
 
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_multiverse.plugin import register
+    from vllm_multiverse.vllm032.plugin import register
 
     register()
     partial = tmp_path / "partial"
@@ -142,7 +142,7 @@ def test_some_tags_but_not_all_is_an_error_when_asked_for_and_plain_otherwise(mv
 def test_a_bf16_checkpoint_on_cpu_needs_dtype_float32(mv32b_dir):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_multiverse.plugin import register
+    from vllm_multiverse.vllm032.plugin import register
     from vllm_multiverse.vllm032.validate import MultiverseConfigError
 
     register()
@@ -153,7 +153,7 @@ def test_a_bf16_checkpoint_on_cpu_needs_dtype_float32(mv32b_dir):
 def test_no_multiverse_enabled_gives_plain_vllm(mv32b_dir):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_multiverse.plugin import register
+    from vllm_multiverse.vllm032.plugin import register
 
     register()
     cfg = EngineArgs(model=str(mv32b_dir), dtype="float32", max_model_len=2048, enforce_eager=True,
@@ -170,7 +170,7 @@ def test_a_declaration_wins_over_the_derivation(mv32b_dir, tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_multiverse.model_config import derive_declaration
-    from vllm_multiverse.plugin import register
+    from vllm_multiverse.vllm032.plugin import register
 
     register()
     base = dict(dtype="float32", max_model_len=2048, enforce_eager=True)
@@ -259,7 +259,7 @@ def test_continuations_agree_in_parallel_sequential_and_the_reference(llm, mv32b
 
 @pytest.fixture(scope="module")
 def server(mv32b_dir, tmp_path_factory, llm):
-    from vllm_multiverse.demo import start_server
+    from tiny_model.demo import start_server
 
     log = tmp_path_factory.mktemp("serve32b") / "server.log"
     try:

@@ -16,7 +16,7 @@ def plain_model(tmp_path_factory):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from vllm_multiverse.training.tokenizer import build_tokenizer
+    from tiny_model.tokenizer import build_tokenizer
 
     path = tmp_path_factory.mktemp("plain-qwen2")
     torch.manual_seed(1)

@@ -147,7 +147,7 @@ def test_serve_equals_a_single_engine(client, single_engine, serve_app):
     from vllm import SamplingParams
 
     from engine_harness import tokenizer
-    from vllm_multiverse.training.train import chat_prompt
+    from tiny_model.train import chat_prompt
 
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **RAW)
     texts = user_texts(16)

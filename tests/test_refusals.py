@@ -52,19 +52,19 @@ REFUSED = {
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin():
-    from vllm_multiverse.plugin import register
+    from vllm_multiverse.vllm032.plugin import register
 
     register()
 
 
-REPLAY = "vllm_multiverse.replay:ReplayLogitsProcessor"
+REPLAY = "forcing:ReplayLogitsProcessor"
 
 
 @pytest.mark.parametrize("processors", [[REPLAY], "class"], ids=["by name", "by class"])
 def test_a_multiverse_aware_logits_processor_is_accepted(processors):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_multiverse.replay import ReplayLogitsProcessor
+    from forcing import ReplayLogitsProcessor
 
     if processors == "class":
         processors = [ReplayLogitsProcessor]

@@ -1,4 +1,4 @@
-"""Transcript replay (``vllm_multiverse/replay.py``): a transcript that is
+"""Transcript replay (``benchmarks/forcing.py``): a transcript that is
 not the model's own output is reproduced token for token through the
 parallel engine and sequential decoding, and the alignment of a request's
 sequence (root, branch, nested branch) onto the transcript."""
@@ -19,14 +19,14 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tags(tok):
-    from vllm_multiverse.replay import Tags
+    from forcing import Tags
 
     return Tags(*tok.convert_tokens_to_ids(["<Path>", "<Parallel>", "</Parallel>"]))
 
 
 def _task(kind: str):
     """The shortest held-out task of a kind: a nested block, or two blocks."""
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.train import held_out_tasks
 
     if kind == "nested":
         tasks = [t for t in held_out_tasks(200) if t.split is not None]
@@ -70,7 +70,7 @@ def _after(tok, text: str, anchor: str) -> int:
 
 
 def test_root_is_the_transcript_itself(tok, tags):
-    from vllm_multiverse.replay import Alignment
+    from forcing import Alignment
 
     answer = _ids(tok, NESTED)
     a = Alignment(answer, tags)
@@ -82,7 +82,7 @@ def test_root_is_the_transcript_itself(tok, tags):
 
 
 def test_branch_skips_its_earlier_sibling_paths(tok, tags):
-    from vllm_multiverse.replay import Alignment
+    from forcing import Alignment
 
     answer = _ids(tok, NESTED)
     goal = _ids(tok, NESTED[: NESTED.index("</Goal>") + len("</Goal>")])
@@ -97,7 +97,7 @@ def test_branch_skips_its_earlier_sibling_paths(tok, tags):
 
 
 def test_nested_branch_skips_at_both_levels(tok, tags):
-    from vllm_multiverse.replay import Alignment
+    from forcing import Alignment
 
     answer = _ids(tok, NESTED)
     # Branch 1 of the outer block forked again at the nested </Goal>: the
@@ -111,7 +111,7 @@ def test_nested_branch_skips_at_both_levels(tok, tags):
 
 
 def test_forcing_stops_where_the_sequence_leaves_and_resumes_where_it_returns(tok, tags):
-    from vllm_multiverse.replay import Alignment
+    from forcing import Alignment
 
     answer = _ids(tok, NESTED)
     a = Alignment(answer, tags)
@@ -125,7 +125,7 @@ def test_forcing_stops_where_the_sequence_leaves_and_resumes_where_it_returns(to
 
 
 def test_an_unknown_path_is_not_forced(tok, tags):
-    from vllm_multiverse.replay import Alignment
+    from forcing import Alignment
 
     answer = _ids(tok, NESTED)
     goal = _ids(tok, NESTED[: NESTED.index("</Goal>") + len("</Goal>")])
@@ -137,7 +137,7 @@ def test_an_unknown_path_is_not_forced(tok, tags):
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    from vllm_multiverse.replay import ReplayLogitsProcessor
+    from forcing import ReplayLogitsProcessor
 
     with in_process_llm(tiny_model_dir, logits_processors=[ReplayLogitsProcessor]) as llm:
         yield llm
@@ -146,8 +146,8 @@ def llm(tiny_model_dir):
 def test_engine_reproduces_an_edited_transcript(llm):
     from vllm import SamplingParams
 
-    from vllm_multiverse.replay import replay_args
-    from vllm_multiverse.training.train import chat_prompt
+    from forcing import replay_args
+    from tiny_model.train import chat_prompt
 
     tok = llm.get_tokenizer()
     prompts, params, want = [], [], []

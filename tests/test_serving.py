@@ -16,7 +16,7 @@ RAW = {"skip_special_tokens": False}  # the full structure, tags included
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    from vllm_multiverse.demo import start_server
+    from tiny_model.demo import start_server
 
     log = tmp_path_factory.mktemp("serve") / "server.log"
     try:
@@ -45,7 +45,7 @@ def offline(tiny_model_dir, server):
 
 
 def _chat_prompt(text):
-    from vllm_multiverse.training.train import chat_prompt
+    from tiny_model.train import chat_prompt
 
     return chat_prompt(tokenizer(), text)
 
@@ -182,7 +182,7 @@ def test_metrics_count_the_forks_the_requests_cause(client, server):
     import re
     import time
 
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.train import held_out_tasks
 
     tasks = [t for t in held_out_tasks(16) if t.parallel and t.split is None][:3]
     before = _multiverse_metrics(server["base"])

@@ -31,7 +31,7 @@ def llm(tiny_model_dir):
 def _prompts() -> list[list[int]]:
     """Held-out prompts, plain and parallel, and continuations of gold
     answers cut inside their blocks."""
-    from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+    from tiny_model.train import chat_prompt, held_out_tasks
 
     tok = tokenizer()
     out = held_out_prompts(60)

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from vllm_multiverse.structure import EventKind, MultiverseTokens, StructureConfig, analyze
-from vllm_multiverse.training.tasks import TaskSampler, extract_answer
-from vllm_multiverse.training.tokenizer import build_tokenizer
-from vllm_multiverse.training.train import RowPacker, TrainConfig, build_model, collate, encode_example
+from tiny_model.tasks import TaskSampler, extract_answer
+from tiny_model.tokenizer import build_tokenizer
+from tiny_model.train import RowPacker, TrainConfig, build_model, collate, encode_example
 
 TOK = build_tokenizer()
 TOKENS = MultiverseTokens.from_tokenizer(TOK)
@@ -113,7 +113,7 @@ def test_packed_examples_do_not_see_each_other():
 
 
 def test_training_is_deterministic_and_learns():
-    from vllm_multiverse.training.train import TrainConfig, train  # noqa: F401
+    from tiny_model.train import TrainConfig, train  # noqa: F401
 
     def run():
         torch.manual_seed(0)
@@ -139,7 +139,7 @@ def test_training_is_deterministic_and_learns():
 def test_judge_asks_for_the_blocks_the_prompt_calls_for():
     from dataclasses import replace
 
-    from vllm_multiverse.training.evaluate import judge
+    from tiny_model.evaluate import judge
 
     def verdict(task, written):
         ids, plen = encode_example(TOK, TOKENS, task)

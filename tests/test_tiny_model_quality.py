@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine_harness import reference, tokenizer
-from vllm_multiverse.training.evaluate import evaluate, judge
-from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+from tiny_model.evaluate import evaluate, judge
+from tiny_model.train import chat_prompt, held_out_tasks
 
 
 def test_bundled_model_writes_well_formed_structure(tiny_model_dir):

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import LLM_DEFAULTS, environ
 from vllm_multiverse.reference import ReferenceDecoder
-from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+from tiny_model.train import chat_prompt, held_out_tasks
 
 
 @pytest.fixture(scope="module")

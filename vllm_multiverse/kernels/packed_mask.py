@@ -2,7 +2,7 @@
 packed bit mask.
 
 The scheduler sends, per request, hidden rectangles ``(q0, q1, k0, k1)`` in
-token indices (:mod:`vllm_multiverse.tree.masks`); everything else is causal.
+token indices (:mod:`vllm_multiverse.structure.masks`); everything else is causal.
 A masked row of a batch is the request's queries ``start .. start+q_len-1``
 against its keys ``0 .. start+q_len-1``.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_multiverse.kernels import _ext
-from vllm_multiverse.tree.masks import Rect
+from vllm_multiverse.structure.masks import Rect
 
 
 @dataclass(frozen=True)

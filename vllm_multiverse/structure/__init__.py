@@ -5,7 +5,7 @@ form (:mod:`.analysis`) for training, reference decoding and masked prefill.
 """
 
 from vllm_multiverse.structure.analysis import Span, Structure, analyze
-from vllm_multiverse.structure.state import (
+from vllm_multiverse.structure.incremental import (
     Event,
     EventKind,
     Note,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_multiverse.structure.state import (
+from vllm_multiverse.structure.incremental import (
     Event,
     Note,
     StructureConfig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm_multiverse.tree.masks import Rect
+from vllm_multiverse.structure.masks import Rect
 
 
 @dataclass

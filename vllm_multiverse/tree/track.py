@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from vllm_multiverse.structure import Event, EventKind, StructureState
 from vllm_multiverse.tree.fork import Fork, branch_seed
-from vllm_multiverse.tree.masks import Hidden, Rect, rects_for
+from vllm_multiverse.structure.masks import Hidden, Rect, rects_for
 
 
 class Act(enum.Enum):

@@ -39,7 +39,7 @@ from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
-from vllm_multiverse.log import init_logger
+from vllm_multiverse.vllm032.log import init_logger
 from vllm_multiverse.model_config import read_multiverse_config
 from vllm_multiverse.tree import Act, Finish, MultiverseState, StopRule, Track, is_branch, pressure
 from vllm_multiverse.vllm032 import check_vllm_version, metrics

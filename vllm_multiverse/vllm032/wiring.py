@@ -16,7 +16,7 @@ import os
 from dataclasses import replace
 
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
-from vllm_multiverse.log import init_logger
+from vllm_multiverse.vllm032.log import init_logger
 from vllm_multiverse.model_config import PartialTags, derive_declaration, describe, read_multiverse_config
 from vllm_multiverse.vllm032 import check_ray_serve, check_vllm_version
 from vllm_multiverse.vllm032.validate import refuse, validate
@@ -242,7 +242,7 @@ def install() -> None:
 
 def _add_cli_options(EngineArgs) -> None:
     """``--plugin multiverse`` and ``--multiverse-*`` on vLLM's parsers."""
-    from vllm_multiverse import cli
+    from vllm_multiverse.vllm032 import cli
 
     add_cli_args = EngineArgs.add_cli_args
     from_cli_args = EngineArgs.from_cli_args.__func__

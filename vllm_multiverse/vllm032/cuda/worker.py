@@ -28,7 +28,7 @@ from vllm.v1.worker.gpu_worker import Worker
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
 from vllm_multiverse.kernels.kv_copy import copy_token_slots
 from vllm_multiverse.kernels.masked_attention import masked_scratch_bytes, warm_up_flashinfer
-from vllm_multiverse.log import init_logger
+from vllm_multiverse.vllm032.log import init_logger
 from vllm_multiverse.vllm032 import attention, check_vllm_version
 from vllm_multiverse.vllm032.attention import MaskedRowsImpl
 from vllm_multiverse.vllm032.runner import MultiverseRunnerMixin

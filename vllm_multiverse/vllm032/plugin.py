@@ -10,7 +10,7 @@ left as it is.
 
 from __future__ import annotations
 
-from vllm_multiverse.log import init_logger
+from vllm_multiverse.vllm032.log import init_logger
 
 logger = init_logger(__name__)
 

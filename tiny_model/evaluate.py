@@ -1,6 +1,6 @@
 """Measure a Multiverse model on held-out prompts with the reference decoder.
 
-    python -m vllm_multiverse.training.evaluate models/multiverse-tiny --n 200
+    python -m tiny_model.evaluate models/multiverse-tiny --n 200
 
 Per prompt: is the structure well formed and the one the prompt calls for
 (a block per round, a nested block for a split sub-task, no block for a
@@ -23,8 +23,8 @@ import torch
 
 from vllm_multiverse.reference import ReferenceDecoder
 from vllm_multiverse.structure import EventKind, StructureConfig, analyze
-from vllm_multiverse.training.tasks import Task, extract_answer
-from vllm_multiverse.training.train import chat_prompt, held_out_tasks
+from tiny_model.tasks import Task, extract_answer
+from tiny_model.train import chat_prompt, held_out_tasks
 
 
 @dataclass
@@ -117,7 +117,7 @@ Multiverse attention and positions from `vllm_multiverse.structure`, to write
 Multiverse MapReduce structure on a synthetic task. It exists to test and
 demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 
-- Task (`vllm_multiverse/training/tasks.py`): "Start at S and add k seven
+- Task (`tiny_model/tasks.py`): "Start at S and add k seven
   times, for k = 1 to N." (S from 10 to 99). One Outline and one Path per k
   (N from 2 to 8); Path k writes its seven additions and ends with
   `{{label}}={{result}}`, the Conclusion lists every `label=result`, and
@@ -139,7 +139,7 @@ demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
   tokens, "Let's think in parallel." and "Answer:" as single tokens; EOS is
   `<|im_end|>`.
 - Architecture: {layers} layers, hidden {hidden}, {heads} heads of 64, float32.
-- Training: `make model` (= `python -m vllm_multiverse.training.train --out
+- Training: `make model` (= `python -m tiny_model.train --out
   models/multiverse-tiny --seed {seed}` then this evaluation), {steps} steps of
   {batch} rows of up to {row_tokens} tokens (examples packed side by side,
   {examples:,} examples in all), AdamW lr {lr}, {train_seconds:.0f} s on 2 CPU
@@ -156,7 +156,7 @@ demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 | mean ideal speedup, parallel prompts | {ideal_speedup_mean_parallel:.2f} |
 | mean output tokens | {output_tokens_mean:.0f} |
 
-Reproduce: `python -m vllm_multiverse.training.evaluate models/multiverse-tiny --n {prompts}`.
+Reproduce: `python -m tiny_model.evaluate models/multiverse-tiny --n {prompts}`.
 {weakness}"""
 
 WEAKNESS = """

@@ -14,7 +14,7 @@ from transformers import AddedToken
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from vllm_multiverse.structure import TAG_NAMES
-from vllm_multiverse.training.tasks import ANSWER_CUE, PARALLEL_CUE
+from tiny_model.tasks import ANSWER_CUE, PARALLEL_CUE
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -101,8 +101,8 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from vllm_multiverse.model_config import read_multiverse_config
-    from vllm_multiverse.training.tasks import extract_answer
-    from vllm_multiverse.training.train import held_out_tasks
+    from tiny_model.tasks import extract_answer
+    from tiny_model.train import held_out_tasks
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     mv = read_multiverse_config(json.loads((MODEL_DIR / "config.json").read_text())).tokens

@@ -1,6 +1,6 @@
 """Train the tiny Multiverse model from scratch, with Multiverse attention.
 
-    python -m vllm_multiverse.training.train --out models/multiverse-tiny
+    python -m tiny_model.train --out models/multiverse-tiny
 
 Deterministic for a given seed and thread count: the data, the
 initialisation and the batch order all come from the seed. The mask and the
@@ -23,8 +23,8 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from vllm_multiverse.model_config import declaration, write_multiverse_config
 from vllm_multiverse.structure import MultiverseTokens, analyze
-from vllm_multiverse.training.tasks import TaskSampler
-from vllm_multiverse.training.tokenizer import IM_END, build_tokenizer
+from tiny_model.tasks import TaskSampler
+from tiny_model.tokenizer import IM_END, build_tokenizer
 
 HELD_OUT_SEED = 10_000  # evaluation prompts; training uses --seed
 Example = tuple[list[int], int]  # token ids, prompt length
