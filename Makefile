@@ -10,9 +10,11 @@ demo: setup
 	$(PY) -m tiny_model.demo
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-all: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m ""
 
 model: setup

@@ -222,9 +222,9 @@ def _model_tags(model_config) -> Tags | None:
     """The tag ids from the model's Multiverse declaration (config.json, or
     set by the plugin), else from its tokenizer; None for a model without
     them (the transcript is then forced as flat text)."""
-    from vllm_multiverse.model_config import read_multiverse_config
+    from vllm_multiverse.model_config import read_model_declaration
 
-    info = read_multiverse_config(model_config.hf_config)
+    info = read_model_declaration(model_config.hf_config)
     if info is not None:
         t = info.tokens
         return Tags(t.path_open, t.parallel_open, t.parallel_close)

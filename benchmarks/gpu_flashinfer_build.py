@@ -51,7 +51,9 @@ def main() -> int:
 
     from vllm_multiverse.kernels.masked_attention import warm_up_flashinfer
 
-    seconds = warm_up_flashinfer(torch.device("cuda"), num_heads=40, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+    seconds = warm_up_flashinfer(
+        torch.device("cuda"), num_heads=40, num_kv_heads=8, head_size=128, dtype=torch.bfloat16
+    )
     now = sorted(jit_env.FLASHINFER_JIT_DIR.rglob("*.so"))
     what = "built" if args.cold else "loaded"
     record(

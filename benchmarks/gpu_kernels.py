@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from gpu_summary import record  # noqa: E402
 from kernel_cases import cuda_ms  # noqa: E402
-from vllm_multiverse.kernels import _ext
-from vllm_multiverse.kernels.kv_copy import copy_token_slots, copy_token_slots_torch, slot_tensors
-from vllm_multiverse.kernels.packed_mask import (
+
+from vllm_multiverse.kernels import _ext  # noqa: E402
+from vllm_multiverse.kernels.kv_copy import copy_token_slots, copy_token_slots_torch, slot_tensors  # noqa: E402
+from vllm_multiverse.kernels.packed_mask import (  # noqa: E402
     MaskedRow,
     byte_indptr,
     pack_masks,

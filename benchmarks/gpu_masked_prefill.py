@@ -123,10 +123,9 @@ def step_rows(rng):
 
 
 def whole_step() -> bool:
+    from masked_cases import batch_of, paged_cache
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
-
-    from masked_cases import batch_of, paged_cache
 
     from vllm_multiverse.kernels.masked_attention import MaskedBatch, flashinfer_prefill
 
@@ -151,7 +150,8 @@ def whole_step() -> bool:
         [block_ids[i] for i in masked],
         PAGE,
     )
-    index = torch.from_numpy(np.concatenate([np.arange(step.offsets[i], step.offsets[i] + rows[i].q_len) for i in masked]))
+    queries = [np.arange(step.offsets[i], step.offsets[i] + rows[i].q_len) for i in masked]
+    index = torch.from_numpy(np.concatenate(queries))
     index = index.cuda()
     fi_masked = separate_prefill("NHD")
     plan_b = cuda_ms(lambda: fi_masked.plan(only, HQ, HK, D, DTYPE, DTYPE, SCALE), reps=5)
@@ -214,8 +214,14 @@ def whole_step() -> bool:
     print(f"\none step: {len(rows)} rows, {total} queries ({len(masked)} masked rows); ms")
     print("route | plan | run per layer | step of 64 layers | vs (a)")
     print(f"(a) FlashInfer, whole step | {plan_a:.3f} | {run_a:.3f} | {a:.2f} | 1.00")
-    print(f"(b) varlen flash + FlashInfer masked | {plan_b:.3f} | {run_varlen:.3f} + {run_masked:.3f} | {b_varlen:.2f} | {b_varlen / a:.2f}")
-    print(f"(b) flash SDPA per row + FlashInfer masked | {plan_b:.3f} | {run_rows:.3f} + {run_masked:.3f} | {b_rows:.2f} | {b_rows / a:.2f}")
+    print(
+        f"(b) varlen flash + FlashInfer masked | {plan_b:.3f} | {run_varlen:.3f} + {run_masked:.3f} | "
+        f"{b_varlen:.2f} | {b_varlen / a:.2f}"
+    )
+    print(
+        f"(b) flash SDPA per row + FlashInfer masked | {plan_b:.3f} | {run_rows:.3f} + {run_masked:.3f} | "
+        f"{b_rows:.2f} | {b_rows / a:.2f}"
+    )
     record(
         "one step, masked rows once (a) vs causal + recompute (b)",
         ok,

@@ -104,7 +104,9 @@ def check_old_call(rects, dense_tail) -> bool:
     mask = dense_tail[-q_len:].cuda()
     old = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
     want, peak, seconds = measured(old)
-    record(f"old call: mask + enable_gqa, {q_len} x {KV}", True, peak_MiB=f"{peak / MiB:.0f}", ms=f"{seconds * 1e3:.0f}")
+    record(
+        f"old call: mask + enable_gqa, {q_len} x {KV}", True, peak_MiB=f"{peak / MiB:.0f}", ms=f"{seconds * 1e3:.0f}"
+    )
     group = HQ // HK
     # Query heads of one KV head as more queries of it (as _heads_grouped).
     grouped_q = q.view(HK, group, q_len, D).transpose(1, 2).reshape(1, HK, q_len * group, D)

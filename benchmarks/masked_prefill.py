@@ -96,7 +96,9 @@ def main() -> None:
     times: dict[str, list[float]] = {"masked": [], "plain": []}
     for r in range(args.rounds + 1):  # round 0 warms the engine up
         structured, plain = prompts(tok, args.tokens, seed=r)
-        for name, ids in (("masked", structured), ("plain", plain)) if r % 2 else (("plain", plain), ("masked", structured)):
+        for name, ids in (
+            (("masked", structured), ("plain", plain)) if r % 2 else (("plain", plain), ("masked", structured))
+        ):
             t0 = time.perf_counter()
             llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
             if r:
@@ -104,22 +106,35 @@ def main() -> None:
     info = _structure(tok, structured)
     assert info["parallel_blocks"] and info["well_formed"] and info["hidden_share"] > 0, info
     masked, plain = statistics.median(times["masked"]), statistics.median(times["plain"])
-    print(json.dumps({"tokens": args.tokens, **info, "masked_s": round(masked, 4), "plain_s": round(plain, 4),
-                      "ratio": round(masked / plain, 3), "runs": times}))
+    print(
+        json.dumps(
+            {
+                "tokens": args.tokens,
+                **info,
+                "masked_s": round(masked, 4),
+                "plain_s": round(plain, 4),
+                "ratio": round(masked / plain, 3),
+                "runs": times,
+            }
+        )
+    )
 
 
 def _structure(tok, ids: list[int]) -> dict:
     """What the masked prompt holds: its Parallel blocks, and the share of
     its causal (query, key) pairs that the mask hides."""
-    from vllm_multiverse.model_config import derive_declaration, read_multiverse_config
+    from vllm_multiverse.model_config import derive_declaration, read_model_declaration
     from vllm_multiverse.structure import analyze
 
-    mv = read_multiverse_config({"multiverse": derive_declaration(tok)}).tokens
+    mv = read_model_declaration({"multiverse": derive_declaration(tok)}).tokens
     s = analyze(ids, mv)
     n = len(ids)
     hidden = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in s.hidden_rects())
-    return {"parallel_blocks": ids.count(tok.convert_tokens_to_ids("<Parallel>")), "well_formed": s.well_formed,
-            "hidden_share": round(hidden / (n * (n + 1) / 2), 4)}
+    return {
+        "parallel_blocks": ids.count(tok.convert_tokens_to_ids("<Parallel>")),
+        "well_formed": s.well_formed,
+        "hidden_share": round(hidden / (n * (n + 1) / 2), 4),
+    }
 
 
 if __name__ == "__main__":

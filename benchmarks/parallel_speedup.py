@@ -48,9 +48,9 @@ def run_config(mode: str, batches: list[int], n_max: int, lengths: dict | None, 
     tok = llm.get_tokenizer()
     prompts = [tok.encode(chat_prompt(tok, t.prompt()), add_special_tokens=False)
                for t in held_out_tasks(n_max)]
-    from vllm_multiverse.model_config import read_multiverse_config
+    from vllm_multiverse.model_config import read_model_declaration
 
-    info = read_multiverse_config(json.loads((MODEL / "config.json").read_text()))
+    info = read_model_declaration(json.loads((MODEL / "config.json").read_text()))
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
     results = {}
     for b in batches:
@@ -81,7 +81,7 @@ def child(mode: str, args) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-4000:]}")
-    line = next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[7:])
 
 
@@ -104,21 +104,28 @@ def main() -> None:
     tmp.write_text(json.dumps({b: engine[b]["lengths"] for b in engine}))
     args.lengths = str(tmp)
     plain = child("plain", args)
-    rows = ["| batch | engine s | engine tok/s | one-at-a-time s | one-at-a-time tok/s | sequential s | sequential tok/s | plain vLLM s | plain tok/s | speedup | ideal | efficiency | same tokens |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| batch | engine s | engine tok/s | one-at-a-time s | one-at-a-time tok/s | sequential s | sequential tok/s "
+        "| plain vLLM s | plain tok/s | speedup | ideal | efficiency | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for b in map(str, args.batches):
         e, s, m, p = engine[b], seq[b], masked[b], plain[b]
         speedup = s["seconds"] / e["seconds"]
         ideal = e["tokens"] / e["critical"]
         rows.append(
             f"| {b} | {e['seconds']:.2f} | {e['tokens'] / e['seconds']:.0f} | {s['seconds']:.2f} | "
-            f"{s['tokens'] / s['seconds']:.0f} | {m['seconds']:.2f} | {m['tokens'] / m['seconds']:.0f} | {p['seconds']:.2f} | {p['tokens'] / p['seconds']:.0f} | "
+            f"{s['tokens'] / s['seconds']:.0f} | {m['seconds']:.2f} | {m['tokens'] / m['seconds']:.0f} | "
+            f"{p['seconds']:.2f} | {p['tokens'] / p['seconds']:.0f} | "
             f"{speedup:.2f} | {ideal:.2f} | {speedup / ideal:.2f} | {e['ids'] == s['ids'] == m['ids']} |"
         )
     table = "\n".join(rows)
     print(table)
     if args.out:
-        args.out.write_text(f"# Parallel speedup (tiny model, 2 CPU cores)\n\n`python benchmarks/parallel_speedup.py` (fastest of {args.repeat} runs per batch)\n\n{table}\n")
+        args.out.write_text(
+            "# Parallel speedup (tiny model, 2 CPU cores)\n\n"
+            f"`python benchmarks/parallel_speedup.py` (fastest of {args.repeat} runs per batch)\n\n{table}\n"
+        )
 
 
 if __name__ == "__main__":

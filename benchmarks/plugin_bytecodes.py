@@ -94,7 +94,12 @@ def main():
            "top_plugin_funcs": funcs.most_common(25)}
     print("ROW " + json.dumps(row), flush=True)
     import hashlib
-    print("IDS", hashlib.sha1(json.dumps(sorted([o.request_id, list(o.outputs[0].token_ids)] for o in outs)).encode()).hexdigest())
+    print(
+        "IDS",
+        hashlib.sha1(
+            json.dumps(sorted([o.request_id, list(o.outputs[0].token_ids)] for o in outs)).encode()
+        ).hexdigest(),
+    )
     llm.llm_engine.engine_core.shutdown()
 
 

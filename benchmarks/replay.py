@@ -144,12 +144,12 @@ def serve_config(mode: str, args) -> None:
     """Runs in a child process: one engine, a batch size per line of stdin,
     a ``RESULT`` line each."""
     import torch
+    from forcing import replay_args
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_multiverse.model_config import model_declaration, read_multiverse_config
-    from forcing import replay_args
     from tiny_model.evaluate import critical_path
+    from vllm_multiverse.model_config import model_declaration, read_model_declaration
 
     model = Path(args.model)
     transcripts = load_transcripts(args.transcripts, AutoTokenizer.from_pretrained(model), model)
@@ -162,7 +162,7 @@ def serve_config(mode: str, args) -> None:
         generation_config="vllm", logits_processors=[PROCESSOR],
         additional_config={"multiverse": CONFIGS[mode]},
     )
-    info = read_multiverse_config({"multiverse": model_declaration(model)})
+    info = read_model_declaration({"multiverse": model_declaration(model)})
     llm.generate([{"prompt_token_ids": transcripts[0][0]}], SamplingParams(max_tokens=8), use_tqdm=False)
     print("READY", flush=True)
     for line in sys.stdin:
@@ -230,7 +230,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['batch']} | {r['tokens']} | {r['engine_s']:.2f} | {r['engine_tok_s']:.0f} | {r['one_at_a_time_s']:.2f} | "
+            f"| {r['batch']} | {r['tokens']} | {r['engine_s']:.2f} | {r['engine_tok_s']:.0f} | "
+            f"{r['one_at_a_time_s']:.2f} | "
             f"{r['one_at_a_time_tok_s']:.0f} | {r['plain_s']:.2f} | {r['plain_tok_s']:.0f} | {r['ideal']:.3f} | "
             f"{r['speedup']:.3f} | {r['efficiency']:.3f} | {r['vs_plain']:.3f} | {r['same_tokens']} |"
         )
@@ -245,13 +246,17 @@ def make_tiny(out: Path, n: int) -> None:
 
     from tiny_model.train import chat_prompt, held_out_tasks
 
-    llm = LLM(model=str(TINY), dtype="float32", enforce_eager=True, max_model_len=2048,
-              kv_cache_memory_bytes=1 << 30, seed=0)
+    llm = LLM(
+        model=str(TINY), dtype="float32", enforce_eager=True, max_model_len=2048, kv_cache_memory_bytes=1 << 30, seed=0
+    )
     tok = llm.get_tokenizer()
     texts = [chat_prompt(tok, t.prompt()) for t in held_out_tasks(n)]
     prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=1500, skip_special_tokens=False), use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=1500, skip_special_tokens=False),
+        use_tqdm=False,
+    )
     out.mkdir(parents=True, exist_ok=True)
     turn, eos = assistant_turn(tok), eos_ids(tok, TINY)
     changed = []

@@ -29,9 +29,9 @@ import argparse
 import bisect
 import os
 import statistics
+import sys
 import time
 from collections import defaultdict
-import sys
 from pathlib import Path
 
 from vllm_multiverse.tree import is_branch
@@ -77,13 +77,13 @@ def run_batch(llm, prompts: list[list[int]], params) -> list[dict]:
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
     probe = StepProbe(sched)
-    stats = sched.mv.stats
+    stats = sched.trees.stats
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
     steps, last = [], None
     while engine.has_unfinished_requests():
         probe.reset()
-        forks, merges, open_before = stats["forks"], stats["merges"], bool(sched.mv.forks)
+        forks, merges, open_before = stats["forks"], stats["merges"], bool(sched.trees.forks)
         t0 = time.perf_counter_ns()
         engine.step()
         wall = time.perf_counter_ns() - t0
@@ -145,8 +145,8 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_multiverse.vllm032.plugin import register
     from tiny_model.train import chat_prompt, held_out_tasks
+    from vllm_multiverse.vllm032.plugin import register
 
     register()
     llm = LLM(model=str(TINY), dtype="float32", enforce_eager=True, max_model_len=2048,

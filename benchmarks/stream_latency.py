@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,10 @@ def main() -> int:
     proc, base = start_server(Path(tempfile.mkdtemp(prefix="mv-stream-")) / "server.log", progress=False)
     try:
         asyncio.run(batch(base, str(MODEL_DIR), texts[:2]))  # warm-up
-        print("| batch | TTFT ms (mean) | inter-token ms (mean) | longest gap ms (mean / max) | chunks per request | tokens per request |")
+        print(
+            "| batch | TTFT ms (mean) | inter-token ms (mean) | longest gap ms (mean / max) | chunks per request "
+            "| tokens per request |"
+        )
         print("|---|---|---|---|---|---|")
         for n in args.batches:
             runs = [asyncio.run(batch(base, str(MODEL_DIR), texts[:n])) for _ in range(args.repeat)]

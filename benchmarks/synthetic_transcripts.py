@@ -430,9 +430,9 @@ class Fixture:
 
     @cached_property
     def tokens(self) -> Any:
-        from vllm_multiverse.model_config import derive_declaration, read_multiverse_config
+        from vllm_multiverse.model_config import derive_declaration, read_model_declaration
 
-        info = read_multiverse_config({"multiverse": derive_declaration(self.tokenizer)})
+        info = read_model_declaration({"multiverse": derive_declaration(self.tokenizer)})
         return info.tokens
 
     def generate(self, seed: int, index: int, scale: float = 1.0) -> str:

@@ -55,6 +55,58 @@ def environ(name: str, value: str):
             os.environ[name] = saved
 
 
+class EnginePool:
+    """In-process engines shared across test modules: one alive at a time,
+    kept while modules ask for the same configuration (the collection order
+    puts modules that share one together: ``SHARED_ENGINE``)."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._stack = contextlib.ExitStack()
+        self._llm = None
+
+    def get(self, model_dir, **overrides):
+        key = (str(model_dir), repr(sorted(overrides.items())))
+        if key != self._key:
+            self.close()
+            self._llm = self._stack.enter_context(in_process_llm(model_dir, **overrides))
+            self._key = key
+        return self._llm
+
+    def close(self) -> None:
+        self._stack.close()
+        self._key = self._llm = None
+
+
+@pytest.fixture(scope="session")
+def engines():
+    pool = EnginePool()
+    yield pool
+    pool.close()
+
+
+def pytest_collection_modifyitems(items):
+    """Modules that share an engine (their ``SHARED_ENGINE``) run one after
+    another, from where the first of them would run."""
+
+    def group(item) -> str:
+        module = item.module
+        return getattr(module, "SHARED_ENGINE", None) or module.__name__
+
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(group(item), i)
+    items.sort(key=lambda item: first[group(item)])
+
+
+@pytest.fixture(scope="module")
+def client(openai_base):
+    """An OpenAI client of the module's server (its ``openai_base``)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=openai_base + "/v1", api_key="none", timeout=900)
+
+
 @contextlib.contextmanager
 def in_process_llm(model_dir, **overrides):
     """A ``vllm.LLM`` on the tiny-model defaults, its engine core in this

@@ -1,8 +1,10 @@
-"""A small model of vLLM's V1 scheduler around the tree logic, for the
-state-machine tests: a block pool with reference counts and a KV cache whose
-slots remember which transcript token they hold, requests that compute their
-tokens and sample the transcript's next token, and the same calls into
-:class:`MultiverseState` that ``vllm032/scheduler.py`` makes.
+"""A small fake of vLLM's V1 scheduler and workers around the real Multiverse
+policy, for the state-machine tests: a block pool with reference counts and a
+KV cache whose slots remember which transcript token they hold, requests that
+compute their tokens and sample the transcript's next token, vLLM's own
+preemption, queues and stop checks. Every decision is the policy's
+(:mod:`vllm_multiverse.tree`), called as ``vllm032/scheduler.py`` calls it;
+this file only carries the decisions out.
 
 A request's tokens map to indices of its transcript (the sequential text,
 engine-written tokens included): a root's token i is transcript token i; a
@@ -13,16 +15,18 @@ request's KV holds exactly its own tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from toy_vocab import TOKENS
+from tree_checks import held_blocks
 
 from vllm_multiverse.config import MultiverseConfig
 from vllm_multiverse.structure import StructureConfig, analyze
-from vllm_multiverse.tree import Act, Finish, MultiverseState, StopRule, is_branch
-from vllm_multiverse.tree import pressure
+from vllm_multiverse.tree import Finish, Limits, Trees, is_branch, lifecycle, merge, pressure, sampling
+from vllm_multiverse.tree import step as tree_step
 
 LEAD = -1  # a branch's own "\n" before <Path> (Paths 2..N): in no transcript
+POLICY = "fcfs"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -38,12 +42,13 @@ class Block:
 class FakePool:
     """BlockOps with a slot-addressed KV cache of transcript indices."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, reqs: dict) -> None:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: list[Block] = list(self.blocks)
         self.tables: dict[str, list[Block]] = {}
         self.kv: dict[int, int] = {}  # slot -> transcript index
+        self._reqs = reqs
 
     # BlockOps
     def detach(self, rid):
@@ -89,26 +94,31 @@ class FakePool:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
         return sum(1 for bid, n in refs.items() if self.blocks[bid].ref == n)
 
+    def blocks_short(self, running):
+        need = sum(
+            max(0, cdiv(self._reqs[r].computed + 1, self.block_size) - len(self.tables.get(r, []))) for r in running
+        )
+        return need - len(self.free)
+
     # vLLM's side
     def share_prefix(self, parent_id, child_id, n) -> bool:
-        B = self.block_size
-        src = self.tables[parent_id][: cdiv(n, B)]
-        partial = n % B != 0
+        size = self.block_size
+        src = self.tables[parent_id][: cdiv(n, size)]
+        partial = n % size != 0
         fresh = self.allocate(1) if partial else []
         if fresh is None:
             return False
         full = src[:-1] if partial else src
         self.retain(full)
         if partial:  # copy-on-write of the partial last block
-            for off in range(n % B):
-                self.kv[fresh[0].block_id * B + off] = self.kv[src[-1].block_id * B + off]
+            for off in range(n % size):
+                self.kv[fresh[0].block_id * size + off] = self.kv[src[-1].block_id * size + off]
         self.tables[child_id] = full + fresh
         return True
 
     def grow(self, rid, num_tokens) -> bool:
         table = self.tables.setdefault(rid, [])
-        more = cdiv(num_tokens, self.block_size) - len(table)
-        got = self.allocate(max(0, more))
+        got = self.allocate(max(0, cdiv(num_tokens, self.block_size) - len(table)))
         if got is None:
             return False
         table.extend(got)
@@ -128,10 +138,11 @@ class Req:
     max_tokens: int
     num_prompt: int
     transcript: list[int]
+    stop_ids: frozenset[int] = frozenset()
     # Transcript index of token i: own_start.. at offset; below, the parent's.
     offset: int = 0
     own_start: int = 0
-    lead: range = range(0)
+    lead: range = field(default=range(0))
     parent: Req | None = None
     computed: int = 0
     status: str = "waiting"  # waiting | running | parked | held | finished
@@ -156,40 +167,41 @@ class Req:
 
 class FakeEngine:
     def __init__(self, num_blocks: int, block_size: int, config: MultiverseConfig | None = None) -> None:
-        self.pool = FakePool(num_blocks, block_size)
-        self.mv = MultiverseState(TOKENS, StructureConfig(), config or MultiverseConfig(), self.pool)
         self.reqs: dict[str, Req] = {}
+        self.pool = FakePool(num_blocks, block_size, self.reqs)
+        self.trees = Trees(TOKENS, StructureConfig(), config or MultiverseConfig(), self.pool, max_model_len=1 << 20)
         self.running: list[str] = []
         self.waiting: list[str] = []
         self.paused = False
         self.results: dict[str, Req] = {}  # finished roots
-        self.stop_ids: dict[str, frozenset[int]] = {}
-        self._to_fork: list[str] = []
+        self._parked: list[str] = []
         self._merged_into: dict[int, str] = {}  # block -> the request a merge copies into
 
     # -- client side -----------------------------------------------------
 
     def add(self, rid: str, transcript: list[int], prompt_len: int, max_tokens: int, stop_ids=frozenset()) -> None:
-        req = Req(rid, list(transcript[:prompt_len]), max_tokens, prompt_len, transcript)
+        req = Req(rid, list(transcript[:prompt_len]), max_tokens, prompt_len, transcript, frozenset(stop_ids))
         self.reqs[rid] = req
-        self.stop_ids[rid] = frozenset(stop_ids)
-        self.mv.add(rid, req.tokens, sequential=False)
+        self.trees.add(rid, req.tokens, Limits(max_tokens, req.stop_ids), sequential=False)
         self.waiting.append(rid)
 
     def abort(self, ids) -> None:
         self.finish(set(ids), Finish.ABORTED)
 
     def abort_all(self) -> None:
-        for rid in self.mv.clear():
+        for rid in lifecycle.abort_all(self.trees):
             self.reqs[rid].status = "waiting"
         self.finish(set(self.reqs), Finish.ABORTED, expand=False)
+
+    def active_roots(self) -> list[str]:
+        return pressure.active_roots(self.trees, self.running)
 
     # -- vLLM's side ---------------------------------------------------------
 
     def finish(self, ids, finish: Finish, expand: bool = True) -> None:
         if expand:
-            self.mv.unhold(ids)
-            ids = self.mv.abort(ids)
+            pressure.unhold(self.trees, ids)
+            ids = lifecycle.abort(self.trees, ids)
         for rid in ids:
             req = self.reqs.get(rid)
             if req is None or req.status == "finished":
@@ -201,7 +213,7 @@ class FakeEngine:
         for q in (self.running, self.waiting):
             if req.rid in q:
                 q.remove(req.rid)
-        if not self.mv.finished(req.rid, req.tokens, req.finish, req.stop_reason):
+        if not lifecycle.finished(self.trees, req.rid, req.finish, req.stop_reason):
             self.pool.free_table(req.rid)
         del self.reqs[req.rid]
         if not is_branch(req.rid):
@@ -213,28 +225,31 @@ class FakeEngine:
         req.computed = 0
         req.status = "waiting"
         self.waiting.insert(0, rid)
-        self.mv.preempted(rid)
+        self.trees.preempted(rid)
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self.mv.forks or self.mv.held)
+        return bool(self.running or self.waiting or self.trees.forks or self.trees.held)
 
     def step(self) -> None:
-        for rid in reversed(self.mv.release_held(others_active=bool(self._active_roots()))):
+        trees = self.trees
+        for rid in reversed(pressure.release_held(trees, self.running)):
             self.reqs[rid].status = "waiting"
             self.waiting.insert(0, rid)
-        self._relieve_pressure()
+        if trees.forks:
+            while (root := pressure.to_relieve(trees, self.running, POLICY)) is not None:
+                self.preempt_tree(root)
         scheduled = self._schedule()
         holding = any(self.reqs[r].computed for r in self.waiting)
-        if not scheduled and (holding or self.mv.forks or (self.waiting and not self.paused)):
+        if not scheduled and (holding or trees.forks or (self.waiting and not self.paused)):
             self._give_back_memory()
         ends = {rid: end for rid, _, end in scheduled}
-        step = self.mv.step({rid: end - start for rid, start, end in scheduled}, ends.__getitem__)
+        step = tree_step.build(trees, {rid: end - start for rid, start, end in scheduled}, ends.__getitem__)
         # The workers: merge copies first, then this step's KV writes. A
         # copy may only write a block of the request it merged into.
-        B = self.pool.block_size
+        size = self.pool.block_size
         for src, dst in step.kv_copies:
-            owners = {r for r, t in self.pool.tables.items() if any(b.block_id == dst // B for b in t)}
-            assert owners <= {self._merged_into[dst // B]}, f"a merge copy writes a block of {owners}"
+            owners = {r for r, t in self.pool.tables.items() if any(b.block_id == dst // size for b in t)}
+            assert owners <= {self._merged_into[dst // size]}, f"a merge copy writes a block of {owners}"
             self.pool.kv[dst] = self.pool.kv[src]
         self._merged_into.clear()
         for rid, start, end in scheduled:
@@ -245,12 +260,17 @@ class FakeEngine:
             req = self.reqs.get(rid)
             if req is not None and req.status == "running" and end == len(req.tokens):
                 self._sampled(req)
-        self.mv.copies.step_done()
-        for rid in self._to_fork:
-            self._fork(self.reqs[rid])
-        self._to_fork = []
-        self.mv.launch_pending(self._start_branch)
-        for fork in self.mv.ready_to_merge():
+        trees.copies.step_done()
+        for rid in self._parked:
+            self.running.remove(rid)
+            self.reqs[rid].status = "parked"
+        self._parked = []
+        for launches in lifecycle.launch_plan(trees):
+            for launch in launches:
+                if not self._start_branch(launch):
+                    break
+                lifecycle.launched(trees, launch)
+        for fork in merge.ready(trees):
             self._merge(fork)
 
     def _schedule(self) -> list[tuple[str, int, int]]:
@@ -281,157 +301,105 @@ class FakeEngine:
             req.computed = len(req.tokens)
         return scheduled
 
-    # -- the scheduler hooks, as vllm032/scheduler.py makes them ------------
-
     def _sampled(self, req: Req) -> None:
-        track = self.mv.tracks[req.rid]
-        if track.draining:
-            return self._stop(req, Finish.STOPPED)
-        if track.engine_due:
-            track.engine_due = False
-            ev = track.state.event
-            if track.act(ev) is Act.FORK:
-                self._to_fork.append(req.rid)
-                return
-            return self._write(req, track, ev.write)
+        """vLLM's update of a request with its sampled token."""
+        action = sampling.before_sample(self.trees, req.rid)
+        if action is not None:
+            return self._carry_out(req, action)
         tok = req.next_token()
         req.tokens.append(tok)
-        ev = track.append(tok)
-        root = req.rid.split("\x1f")[0]
-        if tok in self.stop_ids.get(root, ()):
+        ev = sampling.on_token(self.trees, req.rid, tok)
+        if tok in req.stop_ids:  # vLLM's stop check
             req.stop_reason = tok
             return self._stop(req, Finish.STOPPED)
         if req.num_output >= req.max_tokens:
             return self._stop(req, Finish.LENGTH)
-        act = track.act(ev)
-        if act is Act.FORK:
-            self._to_fork.append(req.rid)
-        elif act is Act.END_PATH:
-            track.draining = True
-        elif act is Act.WRITE:
-            self._write(req, track, ev.write)
+        action = sampling.act(self.trees, req.rid, ev)
+        if action is not None:
+            self._carry_out(req, action)
 
-    def _write(self, req: Req, track, tokens) -> None:
-        """The sequential layer's headers (a prompt that holds a block)."""
-        for tok in tokens:
+    def _carry_out(self, req: Req, action: sampling.Action) -> None:
+        if isinstance(action, sampling.Drained):
+            return self._stop(req, Finish.STOPPED)
+        if isinstance(action, sampling.Parked):
+            self._parked.append(req.rid)
+            return None
+        for tok in action.tokens:
             assert tok == req.next_token(), "the transcript holds the written tokens"
             req.tokens.append(tok)
-            track.append(tok, written=True)
-            if req.num_output >= req.max_tokens:
-                return self._stop(req, Finish.LENGTH)
+        if action.capped:
+            self._stop(req, Finish.LENGTH)
 
     def _stop(self, req: Req, finish: Finish) -> None:
         req.status, req.finish = "finished", finish
         self._free(req)
 
-    def _fork(self, req: Req) -> None:
-        root = req.rid.split("\x1f")[0]
-        budget = req.max_tokens - req.num_output
-        self.mv.fork(req.rid, StopRule(budget, self.stop_ids.get(root, frozenset())))
-        self.running.remove(req.rid)
-        req.status = "parked"
-
-    def _start_branch(self, fork, k, bid, header) -> bool:
+    def _start_branch(self, launch: lifecycle.Launch) -> bool:
+        fork = launch.fork
         parent = self.reqs[fork.parent]
-        if not self.pool.share_prefix(parent.rid, bid, parent.computed):
+        if not self.pool.share_prefix(parent.rid, launch.branch_id, parent.computed):
             return False
         # The Path's <Path> in the transcript: spans of the block, in order.
-        block_t = parent.tindex(fork.block_uid)
+        block_t = parent.tindex(fork.parallel_uid)
         spans = [s for s in analyze(parent.transcript, TOKENS).spans if s.block == block_t]
         lead = len(TOKENS.path_header_lead)
-        own = fork.prefix_len + (0 if k == 0 else lead)
+        own = fork.prefix_len + (0 if launch.path == 0 else lead)
         child = Req(
-            bid,
-            parent.tokens + list(header),
-            max(1, fork.rule.budget - len(header)),
-            fork.prefix_len + len(header),
+            launch.branch_id,
+            parent.tokens + list(launch.header),
+            launch.max_tokens,
+            fork.prefix_len + len(launch.header),
             parent.transcript,
-            offset=spans[k].start - lead - fork.prefix_len,
+            parent.stop_ids,
+            offset=spans[launch.path].start - lead - fork.prefix_len,
             own_start=own,
             lead=range(fork.prefix_len, own),
             parent=parent,
             computed=parent.computed,
         )
-        self.reqs[bid] = child
-        self.waiting.append(bid)
+        self.reqs[launch.branch_id] = child
+        self.waiting.append(launch.branch_id)
         return True
 
     def _merge(self, fork) -> None:
-        need = self.mv.blocks_needed(fork)
-        if need and not self._make_room(need, fork):
-            return
+        need = merge.blocks_needed(self.trees, fork)
+        if need:
+            victims = pressure.room_for(self.trees, need, fork, self.running, POLICY)
+            if victims is None:
+                return
+            for root in victims:
+                self.preempt_tree(root)
         parent = self.reqs[fork.parent]
-        merge = self.mv.merge(fork)
-        if merge.aborted:
-            self.finish(merge.aborted, Finish.ABORTED)
-        parent.tokens += merge.cut.tokens
-        if merge.cut.end is not None:
-            parent.stop_reason = merge.cut.end.stop_reason
-            return self._stop(parent, merge.cut.end.finish)
-        parent.computed = merge.num_computed
+        done = merge.merge(self.trees, fork)
+        if done.aborted:
+            self.finish(done.aborted, Finish.ABORTED)
+        parent.tokens += done.cut.tokens
+        if done.cut.end is not None:
+            parent.stop_reason = done.cut.end.stop_reason
+            return self._stop(parent, done.cut.end.finish)
+        parent.computed = done.num_computed
         self._merged_into.update((b.block_id, parent.rid) for b in self.pool.tables[parent.rid])
         parent.status = "waiting"
         self.waiting.append(parent.rid)
 
-    def _active_roots(self) -> list[str]:
-        roots = {self.mv.tracks[r].root: None for r in self.running}
-        roots.update((f.root, None) for f in self.mv.forks.values())
-        return list(roots)
-
-    def _candidates(self, roots):
-        return self.mv.candidates(roots, lambda r: 0, lambda r: 0.0)
-
-    def _blocks_short(self) -> int:
-        need = sum(
-            max(0, cdiv(self.reqs[r].computed + 1, self.pool.block_size) - len(self.pool.tables.get(r, [])))
-            for r in self.running
-        )
-        return need - self.pool.num_free()
-
-    def _relieve_pressure(self) -> None:
-        if not self.mv.forks:
-            return
-        while self._blocks_short() > 0:
-            roots = self._active_roots()
-            if len(roots) < 2:
-                return
-            self.preempt_tree(pressure.victim(self._candidates(roots), "fcfs").root)
-
     def _give_back_memory(self) -> None:
-        roots = self._active_roots()
-        if len(roots) >= 2:
-            self.preempt_tree(pressure.victim(self._candidates(roots), "fcfs").root)
-            return
-        branches = self.mv.roll_back_newest_fork()
-        if branches is not None:
-            self.finish(branches, Finish.ABORTED)
+        decision = pressure.to_give_back(self.trees, self.running, POLICY)
+        if isinstance(decision, str):
+            self.preempt_tree(decision)
+        elif decision is not None:
+            self.finish(decision.branches, Finish.ABORTED)
 
     def preempt_tree(self, root: str) -> None:
-        assert root in self._active_roots(), "only a running or parked tree is preempted"
-        branches = self.mv.preempt_tree(root)
+        assert root in self.active_roots(), "only a running or parked tree is preempted"
+        branches = pressure.preempt_tree(self.trees, root)
         self.finish(branches, Finish.ABORTED)
         req = self.reqs[root]
         if root in self.running:
             self.running.remove(root)
         self.pool.free_table(root)
         req.computed = 0
-        self.mv.preempted(root)
+        self.trees.preempted(root)
         req.status = "held"
-        self.mv.hold(root, 0.0)
-
-    def _make_room(self, blocks: int, fork) -> bool:
-        deficit = blocks - self.pool.num_free()
-        if deficit <= 0:
-            return True
-        roots = [r for r in self._active_roots() if r != fork.root]
-        victims = pressure.victims_for(
-            deficit, self._candidates(roots), lambda r: self.pool.freeable(*self.mv.tree_holdings(r)), "fcfs"
-        )
-        if victims is None:
-            return False
-        for v in victims:
-            self.preempt_tree(v.root)
-        return self.pool.num_free() >= blocks
 
     # -- checks --------------------------------------------------------------
 
@@ -439,16 +407,19 @@ class FakeEngine:
         """Reference counts equal the tables and stashes holding each block,
         and every request's computed KV is its own tokens."""
         holders: dict[int, int] = {}
-        for blocks in list(self.pool.tables.values()) + self.mv.held_blocks():
+        for blocks in list(self.pool.tables.values()) + held_blocks(self.trees):
             for b in blocks:
                 holders[b.block_id] = holders.get(b.block_id, 0) + 1
         for b in self.pool.blocks:
-            assert b.ref == holders.get(b.block_id, 0), f"block {b.block_id}: ref {b.ref}, held {holders.get(b.block_id, 0)}"
+            held = holders.get(b.block_id, 0)
+            assert b.ref == held, f"block {b.block_id}: ref {b.ref}, held {held}"
         assert len(self.pool.free) == sum(1 for b in self.pool.blocks if b.ref == 0)
         for rid, req in self.reqs.items():
-            if req.computed == 0 or rid not in self.pool.tables or rid in self.mv.copies:
+            if req.computed == 0 or rid not in self.pool.tables or rid in self.trees.copies:
                 continue  # nothing computed, or its merge copies not run yet
             got = [self.pool.kv.get(self.pool.slot(rid, i)) for i in range(req.computed)]
             want = [req.tindex(i) for i in range(req.computed)]
             assert got == want, f"KV of {rid!r} is not its own tokens"
-        assert set(self.mv.tracks) == set(self.reqs)
+        assert set(self.trees.tracks) == set(self.reqs)
+        for rid, req in self.reqs.items():
+            assert self.trees.tracks[rid].tokens.tolist() == req.tokens, f"the track of {rid!r} is not its tokens"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from toy_vocab import TOKENS, VOCAB
 
-from toy_vocab import VOCAB, TOKENS
 from vllm_multiverse.kernels.masked_attention import MaskedBatch
 from vllm_multiverse.kernels.packed_mask import MaskedRow
 from vllm_multiverse.structure import analyze
@@ -125,7 +125,8 @@ def vec_cache(rng, rows, block_size, heads, head_size, extra_blocks=3):
     for r, p in zip(rows, pages):
         ids = perm[at : at + p].astype(np.int32)
         at += p
-        k, v = torch.randn(r.kv_len, heads, head_size, generator=gen), torch.randn(r.kv_len, heads, head_size, generator=gen)
+        k = torch.randn(r.kv_len, heads, head_size, generator=gen)
+        v = torch.randn(r.kv_len, heads, head_size, generator=gen)
         t = torch.arange(r.kv_len)
         blk = torch.from_numpy(ids).long()[t // block_size]
         keys[blk, :, 0, :, t % block_size] = k

@@ -7,8 +7,8 @@ sizes over one chunk, a head size not a multiple of 32."""
 import numpy as np
 import pytest
 import torch
-
 from masked_cases import batch_of, masked_case, reference_attention, vec_cache
+
 from vllm_multiverse.kernels import cpu_masked
 from vllm_multiverse.kernels.masked_attention import sdpa_masked_rows
 from vllm_multiverse.kernels.packed_mask import MaskedRow
@@ -90,7 +90,9 @@ def test_causal_rows_and_strided_views():
     for i, (a, row) in enumerate(zip(batch.offsets, rows)):
         causal = torch.ones(row.q_len, row.kv_len, dtype=torch.bool).tril(row.start)
         want = reference_attention(query[a : a + row.q_len], ks[i], vs[i], causal, 0.125)
-        torch.testing.assert_close(out[a : a + row.q_len].reshape(row.q_len, hq, d).double(), want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(
+            out[a : a + row.q_len].reshape(row.q_len, hq, d).double(), want, atol=2e-5, rtol=2e-5
+        )
 
 
 def test_a_hidden_range_has_no_effect():
@@ -145,7 +147,9 @@ def test_causal_rows_equal_vllms_kernel_on_what_vllm_wrote():
         n = int(seq_lens[r])
         t = torch.arange(n)
         slots = table[r].long()[t // bs] * bs + t % bs
-        ops.cpu_attn_reshape_and_cache(torch.randn(n, hk, d), torch.randn(n, hk, d), key_cache, value_cache, slots, "vec")
+        ops.cpu_attn_reshape_and_cache(
+            torch.randn(n, hk, d), torch.randn(n, hk, d), key_cache, value_cache, slots, "vec"
+        )
     qsl = torch.zeros(5, dtype=torch.int32)
     qsl[1:] = q_lens.cumsum(0)
     query = torch.randn(int(qsl[-1]), hq, d)

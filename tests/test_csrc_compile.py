@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils.cpp_extension
-
 from kernel_cases import CSRC, find_nvcc
 
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
@@ -171,8 +170,8 @@ def test_bindings_schemas_take_the_wrappers_arguments():
     versions as CPU kernels, called as kv_copy.py and packed_mask.py call
     the real ops."""
     import numpy as np
-
     from kernel_cases import layered_caches, random_copies, reference_copy
+
     from vllm_multiverse.kernels.kv_copy import copy_token_slots_torch, slot_tensors
     from vllm_multiverse.kernels.packed_mask import (
         MaskedRow,

@@ -14,7 +14,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
 from kernel_cases import (
     CSRC,
     ORDERS,
@@ -25,6 +24,7 @@ from kernel_cases import (
     random_copies,
     random_rows,
 )
+
 from vllm_multiverse.kernels.kv_copy import copy_token_slots_torch, slot_tensors
 from vllm_multiverse.kernels.packed_mask import (
     MaskedRow,

@@ -13,7 +13,7 @@ import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from vllm_multiverse.kernels.masked_attention import MaskedBatch
-from vllm_multiverse.vllm032 import attention, wiring
+from vllm_multiverse.vllm032 import attention, validate
 from vllm_multiverse.vllm032.attention import MaskedRowsImpl
 from vllm_multiverse.vllm032.runner import MultiverseCudagraphDispatcher, MultiverseRunnerMixin, position_deltas
 from vllm_multiverse.vllm032.validate import MultiverseConfigError
@@ -78,23 +78,23 @@ def test_register_points_vllms_entries_at_the_subclasses():
 
 
 @pytest.mark.parametrize(
-    "requested,platform,installed,want",
+    "requested,platform,installed,refused",
     [
-        ("auto", "cuda", True, "flashinfer"),
-        ("auto", "cuda", False, "sdpa"),
-        ("sdpa", "cuda", True, "sdpa"),
-        ("flashinfer", "cuda", True, "flashinfer"),
-        ("flashinfer", "cuda", False, None),
-        ("auto", "cpu", True, "sdpa"),
-        ("flashinfer", "cpu", True, None),
+        ("auto", "cuda", True, False),
+        ("auto", "cuda", False, False),
+        ("sdpa", "cuda", True, False),
+        ("flashinfer", "cuda", True, False),
+        ("flashinfer", "cuda", False, True),
+        ("auto", "cpu", True, False),
+        ("flashinfer", "cpu", True, True),
     ],
 )
-def test_masked_route(requested, platform, installed, want):
-    if want is None:
-        with pytest.raises(MultiverseConfigError):
-            wiring.masked_route(requested, platform, installed)
+def test_a_masked_route_that_cannot_be_had_is_refused(requested, platform, installed, refused):
+    if refused:
+        with pytest.raises(MultiverseConfigError, match="--multiverse-masked-attention flashinfer"):
+            validate.check_masked_route(requested, platform, installed)
     else:
-        assert wiring.masked_route(requested, platform, installed) == want
+        validate.check_masked_route(requested, platform, installed)
 
 
 def test_position_deltas():
@@ -116,7 +116,8 @@ def test_masked_batch_counts_kernel_blocks(block_size, kernel_block):
         query_start_loc=SimpleNamespace(np=np.array([0, 4, 5, 8])),
         optimistic_seq_lens_cpu=torch.tensor([2 * block_size + 3, 9, block_size + 1]),
         input_batch=SimpleNamespace(
-            req_ids=["a", "b", "c"], block_table=[SimpleNamespace(block_size=block_size, block_table=SimpleNamespace(np=table))]
+            req_ids=["a", "b", "c"],
+            block_table=[SimpleNamespace(block_size=block_size, block_table=SimpleNamespace(np=table))],
         ),
         _kernel_block_sizes=[kernel_block],
     )

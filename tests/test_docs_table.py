@@ -24,7 +24,7 @@ def test_table_matches_module():
     seq = [VOCAB["\n" if c[1] == "`\\n`" else c[1].strip("`")] for c in rows]
     train = analyze(seq, TOKENS)
     engine = analyze(seq, TOKENS, StructureConfig(positions="engine"))
-    for i, (idx, _, tpos, epos, part, sees) in enumerate(rows):
+    for i, (idx, _, tpos, epos, _part, sees) in enumerate(rows):
         assert int(idx) == i
         assert train.positions[i] == int(tpos), i
         assert engine.positions[i] == int(epos), i

@@ -2,15 +2,15 @@
 to the sequential reference, sharing prefix blocks, merging without recompute."""
 
 import pytest
-
-from conftest import in_process_llm
 from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference_output, scheduler, step_until
+from tree_checks import leftovers
+
+SHARED_ENGINE = "tiny, defaults"
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    with in_process_llm(tiny_model_dir) as llm:
-        yield llm
+def llm(engines, tiny_model_dir):
+    return engines.get(tiny_model_dir)
 
 
 
@@ -25,7 +25,7 @@ def test_engine_is_multiverse(llm):
 def test_greedy_outputs_equal_the_reference(llm, batch):
     prompts = held_out_prompts(16)[: max(batch, 4)]
     sched = scheduler(llm)
-    forks0 = sched.mv.stats["forks"]
+    forks0 = sched.trees.stats["forks"]
     got = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
@@ -34,13 +34,13 @@ def test_greedy_outputs_equal_the_reference(llm, batch):
     for p, g in zip(prompts, got):
         ref, _ = reference_output(tuple(p), MAX_TOKENS)
         assert g == ref
-    assert sched.mv.stats["forks"] > forks0
+    assert sched.trees.stats["forks"] > forks0
 
 
 def _group_of(sched, name):
     """The open fork of the request the test added as ``name`` (vLLM may
     extend request ids internally)."""
-    for rid, group in sched.mv.forks.items():
+    for rid, group in sched.trees.forks.items():
         if rid.startswith(name):
             return group
     return None
@@ -55,8 +55,8 @@ def assert_idle(llm, free0):
     keeps per request, and the KV blocks."""
     sched = scheduler(llm)
     assert not sched.requests and not sched.running and not sched.waiting and not sched.kv_holding_waiting
-    assert sched.mv.leftovers() == {}
-    assert not sched._to_fork and not sched._extra_outputs and not sched._written
+    assert leftovers(sched.trees) == {}
+    assert not sched._parked and not sched._written
     assert _free_blocks(llm) == free0
 
 
@@ -137,13 +137,13 @@ def test_goal_with_zero_or_many_outlines(llm, n_outlines):
     cut never start."""
     sched = scheduler(llm)
     free0 = _free_blocks(llm)
-    fallbacks0 = sched.mv.stats["fallbacks"]
+    fallbacks0 = sched.trees.stats["fallbacks"]
     prompt = _structured_prompt("".join(f"<Outline>\n{k + 1}:\n</Outline>\n" for k in range(n_outlines)))
     out = llm.generate([{"prompt_token_ids": prompt}], greedy(max_tokens=300), use_tqdm=False)[0].outputs[0]
     ref, reason = reference_output(tuple(prompt), 300)
     assert list(out.token_ids) == ref and out.finish_reason == reason
-    assert sched.mv.stats["fallbacks"] == fallbacks0 + (n_outlines == 20)
-    assert _free_blocks(llm) == free0 and not sched.mv.forks
+    assert sched.trees.stats["fallbacks"] == fallbacks0 + (n_outlines == 20)
+    assert _free_blocks(llm) == free0 and not sched.trees.forks
 
 
 def test_max_tokens_inside_a_nested_block(llm):
@@ -152,8 +152,8 @@ def test_max_tokens_inside_a_nested_block(llm):
     waited on that Path forever."""
     from engine_harness import tokenizer
 
-    from vllm_multiverse.structure import MultiverseTokens
     from tiny_model.train import held_out_tasks
+    from vllm_multiverse.structure import MultiverseTokens
 
     tok = tokenizer()
     goal_close = MultiverseTokens.from_tokenizer(tok).goal_close
@@ -173,7 +173,7 @@ def test_max_tokens_inside_a_nested_block(llm):
         out = next(o for o in outs if o.finished).outputs[0]
         ref, reason = reference_output(tuple(prompt), cap)
         assert (list(out.token_ids), out.finish_reason) == (ref, reason) and reason == "length"
-    assert not sched.mv.forks and not sched.mv.tracks and _free_blocks(llm) == free0
+    assert not sched.trees.forks and not sched.trees.tracks and _free_blocks(llm) == free0
 
 
 @pytest.mark.parametrize("rounds", [5, pytest.param(25, marks=pytest.mark.slow)])
@@ -303,8 +303,8 @@ def _step_until_merged(llm, name):
     """Step until the request added as ``name`` has merge copies queued (a
     merge that goes on), and return its engine id."""
     sched = scheduler(llm)
-    step_until(llm, lambda: any(r.startswith(name) and r in sched.mv.copies for r in sched.requests))
-    return next(r for r in sched.requests if r.startswith(name) and r in sched.mv.copies)
+    step_until(llm, lambda: any(r.startswith(name) and r in sched.trees.copies for r in sched.requests))
+    return next(r for r in sched.requests if r.startswith(name) and r in sched.trees.copies)
 
 
 def test_an_abort_between_a_merge_and_its_copies_corrupts_nothing(llm):
@@ -319,18 +319,18 @@ def test_an_abort_between_a_merge_and_its_copies_corrupts_nothing(llm):
     engine.add_request("other", {"prompt_token_ids": prompts[6]}, greedy())
     rid = _step_until_merged(llm, "merged")
     engine.abort_request(["merged"])
-    assert rid not in sched.mv.copies  # its copies go with it
+    assert rid not in sched.trees.copies  # its copies go with it
     engine.add_request("new", {"prompt_token_ids": prompts[7]}, greedy())  # allocates in the next step
     B = sched.block_size
     original = sched.schedule
     sent = []
 
     def checking_schedule(*args, **kwargs):
-        merged = {r for r in sched.requests if r in sched.mv.copies}
+        merged = {r for r in sched.requests if r in sched.trees.copies}
         out = original(*args, **kwargs)
         owners: dict[int, set[str]] = {}
         for r in sched.requests:
-            for b in sched.kv.table(r):
+            for b in sched.block_ops.table(r):
                 owners.setdefault(b.block_id, set()).add(r)
         for _, dst in out.multiverse.kv_copies:
             assert owners.get(dst // B, set()) <= merged, "a merge copy writes another request's block"
@@ -359,7 +359,7 @@ def test_abort_of_everything_frees_every_fork_stash_and_copy(llm):
     for i in range(12):
         engine.add_request(f"all-{i}", {"prompt_token_ids": prompts[i]}, greedy())
     # A merge's copies queued while other forks hold finished Paths.
-    step_until(llm, lambda: sched.mv.copies and any(f.results for f in sched.mv.forks.values()))
+    step_until(llm, lambda: sched.trees.copies and any(f.results for f in sched.trees.forks.values()))
     core = engine.engine_core.engine_core
     core.pause_scheduler(mode="abort", clear_cache=True)  # resets the prefix cache: fails if a block is held
     engine.abort_request([f"all-{i}" for i in range(12)])  # the frontend's view of them
@@ -422,26 +422,26 @@ def test_caps_hold_per_client_request(llm):
     p = next(p for p in held_out_prompts(40) if first_block_paths(p) >= 3)
     cap = first_block_paths(p) + 1  # one child's fork fits, two do not
     peak = []
-    original_config, original_schedule = sched.mv.config, sched.schedule
+    original_config, original_schedule = sched.trees.config, sched.schedule
 
     def recording_schedule(*args, **kwargs):
         live: dict[str, int] = {}
-        for f in sched.mv.forks.values():
+        for f in sched.trees.forks.values():
             if f.concurrency > 1:
                 client = f.root.split("_", 1)[1]  # vLLM names child i "{i}_{request id}"
                 live[client] = live.get(client, 0) + len(f.running) + len(f.pending)
         peak.append(max(live.values(), default=0))
         return original_schedule(*args, **kwargs)
 
-    sched.mv.config = replace(original_config, max_branches_per_request=cap)
+    sched.trees.config = replace(original_config, max_branches_per_request=cap)
     sched.schedule = recording_schedule
-    fallbacks0 = sched.mv.stats["fallbacks"]
+    fallbacks0 = sched.trees.stats["fallbacks"]
     try:
         out = llm.generate([{"prompt_token_ids": p}], greedy(n=3, temperature=1.0, top_k=1), use_tqdm=False)[0]
     finally:
-        sched.mv.config = original_config
+        sched.trees.config = original_config
         del sched.schedule
-    assert max(peak) <= cap and sched.mv.stats["fallbacks"] > fallbacks0
+    assert max(peak) <= cap and sched.trees.stats["fallbacks"] > fallbacks0
     ref, _ = reference_output(tuple(p), MAX_TOKENS)
     assert [list(c.token_ids) for c in out.outputs] == [ref] * 3
 

@@ -3,17 +3,15 @@ length cuts merged text exactly where sequential decoding cuts it, and
 merged outputs carry what vLLM's latency metrics need."""
 
 import pytest
-
-from conftest import in_process_llm
 from engine_harness import greedy, held_out_prompts, reference, scheduler, tokenizer
+from tree_checks import leftovers
 
 MAX_MODEL_LEN = 640
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    with in_process_llm(tiny_model_dir, max_model_len=MAX_MODEL_LEN, disable_log_stats=False) as llm:
-        yield llm
+def llm(engines, tiny_model_dir):
+    return engines.get(tiny_model_dir, max_model_len=MAX_MODEL_LEN, disable_log_stats=False)
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -31,7 +29,7 @@ def test_max_model_len_cuts_the_text_in_order(llm, sequential):
         assert o.outputs[0].finish_reason == want.finish_reason
         later_path_cuts += want.finish_reason == "length" and want.token_ids.count(path_id) >= 2
     assert later_path_cuts  # some cut falls past Path 1, where only the text order knows the length
-    assert scheduler(llm).mv.leftovers() == {}
+    assert leftovers(scheduler(llm).trees) == {}
 
 
 def _histograms(llm) -> dict[str, tuple[int, float]]:
@@ -57,10 +55,10 @@ def test_merged_outputs_carry_the_request_events(llm):
     goal = gold.index(tok.convert_tokens_to_ids("</Goal>"))
     prompt = tok.encode(chat_prompt(tok, task.prompt()), add_special_tokens=False) + gold[: goal + 1]
     sched = scheduler(llm)
-    merges0 = sched.mv.stats["merges"]
+    merges0 = sched.trees.stats["merges"]
     before = _histograms(llm)
     out = llm.generate([{"prompt_token_ids": prompt}], greedy(max_tokens=60), use_tqdm=False)[0]
-    assert out.outputs[0].finish_reason == "length" and sched.mv.stats["merges"] == merges0 + 1
+    assert out.outputs[0].finish_reason == "length" and sched.trees.stats["merges"] == merges0 + 1
     after = _histograms(llm)
 
     def delta(name):

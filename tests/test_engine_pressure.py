@@ -3,27 +3,25 @@ preemption happens, merged requests recompute in one masked pass, outputs
 stay exact; sequential decoding too."""
 
 import pytest
+from engine_harness import final_tokens, greedy, held_out_prompts, reference_output, scheduler, step_until, tokenizer
+from tree_checks import leftovers
 
 from tiny_model.train import chat_prompt
-
-from conftest import in_process_llm
-from engine_harness import final_tokens, greedy, held_out_prompts, reference_output, scheduler, step_until, tokenizer
 
 # 23 blocks of 128 tokens: one 2,048-token request fits, a batch of forks does not.
 KV_BYTES = 12 * 2**20
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    with in_process_llm(tiny_model_dir, kv_cache_memory_bytes=KV_BYTES, enable_prefix_caching=False) as llm:
-        yield llm
+def llm(engines, tiny_model_dir):
+    return engines.get(tiny_model_dir, kv_cache_memory_bytes=KV_BYTES, enable_prefix_caching=False)
 
 
 def _idle(llm) -> bool:
     sched = scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     return (
-        not sched.mv.leftovers()
+        not leftovers(sched.trees)
         and not sched.requests
         and pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # vLLM's null block
     )
@@ -44,7 +42,7 @@ def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
     logprobs) get exactly the engine's own text, though trees whose live
     text was already sent are preempted and their Paths decoded again."""
     sched = scheduler(llm)
-    stats0 = dict(sched.mv.stats)
+    stats0 = dict(sched.trees.stats)
     prompts = held_out_prompts(16)
     sampled = set(range(1, len(prompts), 3))
     params = [greedy(temperature=2.0, logprobs=1) if i in sampled else greedy() for i in range(len(prompts))]
@@ -52,7 +50,7 @@ def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
     preempt = sched._preempt_tree
 
     def record(root):
-        if sched._live_sent.get(root):
+        if sched.trees.live_sent.get(root):
             preempted_live.append(root.rsplit("-", 1)[0])
         return preempt(root)
 
@@ -62,8 +60,8 @@ def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
         del sched._preempt_tree
-    assert sched.mv.stats["preemptions"] > stats0["preemptions"]
-    assert sched.mv.stats["merges"] > stats0["merges"]
+    assert sched.trees.stats["preemptions"] > stats0["preemptions"]
+    assert sched.trees.stats["merges"] > stats0["merges"]
     engine_text = {rid.rsplit("-", 1)[0]: tokens for rid, tokens in final.items()}
     for i, (p, o) in enumerate(zip(prompts, outs)):
         out = o.outputs[0]
@@ -89,16 +87,18 @@ def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
     llm.llm_engine.add_request("recompute", {"prompt_token_ids": prompt}, greedy())
 
     def merged_and_running():
-        return sched.mv.stats["merges"] > merges0 and any(r.request_id.startswith("recompute") for r in sched.running)
+        return sched.trees.stats["merges"] > merges0 and any(
+            r.request_id.startswith("recompute") for r in sched.running
+        )
 
-    merges0 = sched.mv.stats["merges"]
+    merges0 = sched.trees.stats["merges"]
     outs = step_until(llm, merged_and_running)
     (req,) = [r for r in sched.running if r.request_id.startswith("recompute")]
-    masked0 = sched.mv.stats["masked_tokens"]
+    masked0 = sched.trees.stats["masked_tokens"]
     sched._preempt_tree(req.request_id)
     assert req.num_computed_tokens == 0
     outs += step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
-    assert sched.mv.stats["masked_tokens"] > masked0
+    assert sched.trees.stats["masked_tokens"] > masked0
     final = [o for o in outs if o.request_id.startswith("recompute") and o.finished]
     assert final and list(final[-1].outputs[0].token_ids) == reference_output(tuple(prompt), 1500)[0]
     assert _idle(llm)
@@ -108,7 +108,7 @@ def test_preempted_merged_request_recomputes_in_one_masked_pass(llm):
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
     sched = scheduler(llm)
-    preemptions0 = sched.mv.stats["preemptions"]
+    preemptions0 = sched.trees.stats["preemptions"]
     prompts = held_out_prompts(200)
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
@@ -116,7 +116,7 @@ def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
         for p, o in zip(chunk, outs):
             assert list(o.outputs[0].token_ids) == reference_output(tuple(p), 1500)[0]
     if batch > 1:  # one request alone fits in this cache
-        assert sched.mv.stats["preemptions"] > preemptions0
+        assert sched.trees.stats["preemptions"] > preemptions0
     assert _idle(llm)
 
 
@@ -141,13 +141,13 @@ def test_pause_wait_drains_in_flight_trees_and_resume_finishes_the_held_ones(llm
     prompts = held_out_prompts(24)
     for i, p in enumerate(prompts):
         engine.add_request(f"wait-{i}", {"prompt_token_ids": p}, greedy())
-    outs = step_until(llm, lambda: sched.mv.held and sched.mv.forks)
+    outs = step_until(llm, lambda: sched.trees.held and sched.trees.forks)
     sched.set_pause_state(PauseState.PAUSED_NEW)
     try:
         # What EngineCoreProc's "wait" pause waits for: no work left to step.
         outs += step_until(llm, lambda: not sched.has_requests(), limit=20_000)
-        assert sched.mv.held or sched.waiting  # queued work stays queued
-        assert not sched.mv.forks and not sched.running
+        assert sched.trees.held or sched.waiting  # queued work stays queued
+        assert not sched.trees.forks and not sched.running
     finally:
         sched.set_pause_state(PauseState.UNPAUSED)
     outs += step_until(llm, lambda: not engine.has_unfinished_requests(), limit=20_000)

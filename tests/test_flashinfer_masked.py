@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from kernel_cases import cuda_ms
 from masked_cases import (
     batch_of,
@@ -27,6 +26,7 @@ from masked_cases import (
     reference_attention_tiled,
     structured_row,
 )
+
 from vllm_multiverse.kernels.masked_attention import (
     flashinfer_layout,
     flashinfer_prefill,

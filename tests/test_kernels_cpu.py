@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kernel_cases import (
     ORDERS,
     cpu_peak_bytes,
@@ -18,6 +17,7 @@ from kernel_cases import (
     random_copies,
     reference_copy,
 )
+
 from vllm_multiverse.kernels import kv_copy
 from vllm_multiverse.kernels.kv_copy import (
     copy_token_slots,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 import vllm_views
 from kernel_cases import (
     ORDERS,
@@ -16,6 +15,8 @@ from kernel_cases import (
     random_copies,
     random_rows,
 )
+from vendor.kv_cache_layout import KVCacheLayout
+
 from vllm_multiverse.kernels import _ext
 from vllm_multiverse.kernels.kv_copy import copy_token_slots, copy_token_slots_torch, slot_tensors
 from vllm_multiverse.kernels.packed_mask import (
@@ -24,7 +25,6 @@ from vllm_multiverse.kernels.packed_mask import (
     pack_masks_torch,
     rect_tensors,
 )
-from vendor.kv_cache_layout import KVCacheLayout
 
 
 def _compiled_ops() -> str | None:

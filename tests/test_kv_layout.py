@@ -4,7 +4,7 @@ against vLLM's own cache writer (``cpu_attn_reshape_and_cache``, "vec")."""
 import pytest
 import torch
 
-from vllm_multiverse.vllm032.cpu.kv_layout import copy_token_slots, gather_kv
+from vllm_multiverse.vllm032.cpu.kv_layout import copy_vec_token_slots, gather_kv
 
 BLOCKS, HEADS, BS, D = 6, 2, 32, 64  # the cache of one layer: [blocks, kv heads, block size, 2 * head dim]
 
@@ -44,8 +44,11 @@ def test_gather_reads_what_vllm_wrote(cache):
 def test_token_copies_equal_vllm_writing_the_same_tokens_there(cache):
     kv, key, value, table, slots = cache
     # Tokens 10..49 to fresh slots in blocks 0, 2 and 5: what the merge does.
-    dst = [b * BS + o for b, o in zip([0] * 20 + [2] * 12 + [5] * 8, list(range(12, 32)) + list(range(12)) + list(range(8)))]
+    dst = [
+        b * BS + o
+        for b, o in zip([0] * 20 + [2] * 12 + [5] * 8, list(range(12, 32)) + list(range(12)) + list(range(8)))
+    ]
     want = kv.clone()
     _write(want, key[10:50], value[10:50], dst)
-    copy_token_slots([kv], list(zip(slots[10:50], dst)))
+    copy_vec_token_slots([kv], list(zip(slots[10:50], dst)))
     assert torch.equal(kv, want)

@@ -7,18 +7,18 @@ requests stream live too (their Paths are seeded, so a Path decoded again
 repeats what was sent)."""
 
 import pytest
+from engine_harness import final_tokens, greedy, held_out_prompts, reference_output, scheduler
 from vllm.sampling_params import RequestOutputKind
 
-from conftest import in_process_llm
-from engine_harness import final_tokens, greedy, held_out_prompts, reference_output, scheduler
 from vllm_multiverse.structure import EventKind, analyze
 from vllm_multiverse.tree import is_branch
 
+SHARED_ENGINE = "tiny, defaults"
+
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    with in_process_llm(tiny_model_dir) as llm:
-        yield llm
+def llm(engines, tiny_model_dir):
+    return engines.get(tiny_model_dir)
 
 
 def _run(llm, rid, prompt, params, logprobs: list | None = None):
@@ -36,7 +36,7 @@ def _run(llm, rid, prompt, params, logprobs: list | None = None):
                 if logprobs is not None:
                     logprobs += out.outputs[0].logprobs or []
                 done = out.finished
-        steps.append((got, any(k.startswith(rid) and not is_branch(k) for k in sched.mv.forks)))
+        steps.append((got, any(k.startswith(rid) and not is_branch(k) for k in sched.trees.forks)))
         if done:
             return steps
     raise AssertionError("did not finish")
@@ -60,9 +60,10 @@ def _tokens():
     import json
 
     from conftest import TINY_MODEL
-    from vllm_multiverse.model_config import read_multiverse_config
 
-    return read_multiverse_config(json.loads((TINY_MODEL / "config.json").read_text())).tokens
+    from vllm_multiverse.model_config import read_model_declaration
+
+    return read_model_declaration(json.loads((TINY_MODEL / "config.json").read_text())).tokens
 
 
 def test_path_1_streams_live_and_nothing_sent_changes(llm):

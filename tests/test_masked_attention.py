@@ -5,27 +5,24 @@ engines (prefix caching on, then off) run sequential decoding by default
 (the plugin option) and force chunked prefill small."""
 
 import pytest
-
-from conftest import in_process_llm
 from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference, reference_output, scheduler, tokenizer
 
 PARALLEL = {"multiverse_sequential": False}
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["prefix-caching-on", "prefix-caching-off"])
-def llm(tiny_model_dir, request):
-    with in_process_llm(
+def llm(engines, tiny_model_dir, request):
+    return engines.get(
         tiny_model_dir,
         max_num_batched_tokens=64,
         enable_prefix_caching=request.param,
         additional_config={"multiverse": {"sequential": True}},
-    ) as llm:
-        yield llm
+    )
 
 
 def masked_rows(llm) -> int:
     """Query tokens the scheduler sent with a mask."""
-    return scheduler(llm).mv.stats["masked_tokens"]
+    return scheduler(llm).trees.stats["masked_tokens"]
 
 
 def test_compact_mask_expands_to_the_structure_rule(tiny_model_dir):
@@ -35,17 +32,17 @@ def test_compact_mask_expands_to_the_structure_rule(tiny_model_dir):
     import numpy as np
     from transformers import AutoConfig
 
-    from vllm_multiverse.model_config import read_multiverse_config
-    from vllm_multiverse.structure import StructureState, analyze
-    from vllm_multiverse.tree import Track
-    from vllm_multiverse.kernels.packed_mask import allowed_rows
     from tiny_model.train import held_out_tasks
+    from vllm_multiverse.kernels.packed_mask import allowed_rows
+    from vllm_multiverse.model_config import read_model_declaration
+    from vllm_multiverse.structure import StructureState, analyze
+    from vllm_multiverse.tree import Limits, Track
 
     tok = tokenizer()
-    mv = read_multiverse_config(AutoConfig.from_pretrained(tiny_model_dir)).tokens
+    mv = read_model_declaration(AutoConfig.from_pretrained(tiny_model_dir)).tokens
     task = next(t for t in held_out_tasks(50) if t.split is not None)
     seq = tok.encode(task.completion(), add_special_tokens=False)
-    track = Track(StructureState(mv), root="r", client="r")
+    track = Track(StructureState(mv), root="r", client="r", limits=Limits(len(seq)))
     track.extend(seq)
     dense = analyze(seq, mv).dense_mask()
     n = len(seq)
@@ -57,13 +54,13 @@ def test_compact_mask_expands_to_the_structure_rule(tiny_model_dir):
 
 def test_sequential_equals_the_reference_and_uses_the_mask(llm):
     sched = scheduler(llm)
-    forks0, rows0 = sched.mv.stats["forks"], masked_rows(llm)
+    forks0, rows0 = sched.trees.stats["forks"], masked_rows(llm)
     prompts = held_out_prompts(16)[:8]
     for chunk in [prompts[:1], prompts[1:2], prompts]:  # alone, and a batch of 8
         outs = llm.generate([{"prompt_token_ids": p} for p in chunk], greedy(), use_tqdm=False)
         for p, o in zip(chunk, outs):
             assert list(o.outputs[0].token_ids) == reference_output(tuple(p), MAX_TOKENS)[0]
-    assert sched.mv.stats["forks"] == forks0  # no branch at all
+    assert sched.trees.stats["forks"] == forks0  # no branch at all
     assert masked_rows(llm) > rows0
 
 
@@ -85,11 +82,11 @@ def test_sequential_on_the_sdpa_route_equals_the_reference(llm, monkeypatch):
 
 def test_per_request_parallel_equals_sequential(llm):
     sched = scheduler(llm)
-    forks0 = sched.mv.stats["forks"]
+    forks0 = sched.trees.stats["forks"]
     prompts = held_out_prompts(16)[8:12]
     par = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(extra_args=PARALLEL), use_tqdm=False)
     seq = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
-    assert sched.mv.stats["forks"] > forks0
+    assert sched.trees.stats["forks"] > forks0
     for a, b in zip(par, seq):
         assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
 

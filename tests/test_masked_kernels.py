@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kernel_cases import cpu_peak_bytes
 from masked_cases import LAYOUTS, batch_of, masked_case, paged_cache, reference_attention
-from vllm_multiverse.kernels.packed_mask import MaskedRow
+
 from vllm_multiverse.kernels.masked_attention import (
     flashinfer_layout,
     flashinfer_paged_kv,
@@ -17,7 +16,7 @@ from vllm_multiverse.kernels.masked_attention import (
     sdpa_masked_rows,
     sdpa_peak_bytes,
 )
-from vllm_multiverse.kernels.packed_mask import pack_masks
+from vllm_multiverse.kernels.packed_mask import MaskedRow, pack_masks
 
 
 @pytest.mark.parametrize("q_len", [None, 1, 37])

@@ -14,9 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import in_process_llm
-
 from multiverse32b import GOAL_CLOSE, PATH_CLOSE
 
 BODY = (
@@ -96,11 +93,11 @@ def test_the_declaration_is_derived_from_the_tokenizer(mv32b_dir):
     ],
 )
 def test_labels_are_read_whatever_bpe_merges(mv32b_dir, outlines, labels):
-    from vllm_multiverse.model_config import read_multiverse_config, derive_declaration
+    from vllm_multiverse.model_config import derive_declaration, read_model_declaration
     from vllm_multiverse.structure import EventKind, StructureState
 
     tok = _tokenizer(mv32b_dir)
-    mv = read_multiverse_config({"multiverse": derive_declaration(tok)}).tokens
+    mv = read_model_declaration({"multiverse": derive_declaration(tok)}).tokens
     state = StructureState(mv)
     for i in tok.encode("<Parallel>\n<Goal>\n" + outlines + "</Goal>", add_special_tokens=False):
         ev = state.append(i)
@@ -192,9 +189,8 @@ def test_a_declaration_wins_over_the_derivation(mv32b_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llm(mv32b_dir):
-    with in_process_llm(mv32b_dir, max_num_batched_tokens=128) as llm:
-        yield llm
+def llm(engines, mv32b_dir):
+    return engines.get(mv32b_dir, max_num_batched_tokens=128)
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +230,11 @@ def test_a_prompt_ending_at_goal_close_forks_at_once(llm, mv32b_dir, reference):
     tok = _tokenizer(mv32b_dir)
     prompt = _prompt(tok, "</Goal>")
     sched = llm.llm_engine.engine_core.engine_core.scheduler
-    forks0 = sched.mv.stats["forks"]
+    forks0 = sched.trees.stats["forks"]
     out = llm.generate([{"prompt_token_ids": prompt}], _greedy(), use_tqdm=False)[0].outputs[0]
     header = tok.encode("\n<Path>\n1:", add_special_tokens=False)
     assert list(out.token_ids[: len(header)]) == header
-    assert sched.mv.stats["forks"] == forks0 + 1
+    assert sched.trees.stats["forks"] == forks0 + 1
     assert list(out.token_ids) == reference.generate(prompt, max_tokens=MAX_TOKENS).token_ids
 
 

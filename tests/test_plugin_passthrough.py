@@ -43,7 +43,7 @@ def _start(model, plugins):
 def _result(proc):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):]), out + err
 
 

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import in_process_llm
-from engine_harness import openai_client, user_texts
+from engine_harness import user_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "ray-serve-tiny.yaml"
@@ -84,19 +82,43 @@ def serve_app(tmp_path_factory):
         pytest.fail("a Ray cluster is already running on this machine: " + before[0])
     log_dir = tmp_path_factory.mktemp("ray")
     gcs, metrics = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING", "RAY_ADDRESS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING", "RAY_ADDRESS")
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     # Logical CPUs: each replica asks for 2, the ingress for 1 (docs/ray.md).
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--num-cpus", "8",
-         "--memory", str(8 * 2**30), "--object-store-memory", str(300 * 2**20),
-         "--include-dashboard=false", "--disable-usage-stats", "--metrics-export-port", str(metrics)],
-        check=True, env=env, cwd=ROOT, capture_output=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--port",
+            str(gcs),
+            "--num-cpus",
+            "8",
+            "--memory",
+            str(8 * 2**30),
+            "--object-store-memory",
+            str(300 * 2**20),
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--metrics-export-port",
+            str(metrics),
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
     )
     serve_log = (log_dir / "serve.log").open("w")
     proc = subprocess.Popen(
         [str(BIN / "serve"), "run", "--address", f"127.0.0.1:{gcs}", str(TINY_CONFIG.relative_to(ROOT))],
-        cwd=ROOT, env=env, stdout=serve_log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=serve_log,
+        stderr=subprocess.STDOUT,
     )
     base = "http://127.0.0.1:8000"
     try:
@@ -106,7 +128,9 @@ def serve_app(tmp_path_factory):
             # one-token completion answers once one is.
             try:
                 req = urllib.request.Request(
-                    base + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                    base + "/v1/completions",
+                    method="POST",
+                    headers={"Content-Type": "application/json"},
                     data=b'{"model": "multiverse-tiny", "prompt": "x", "max_tokens": 1}',
                 )
                 if urllib.request.urlopen(req, timeout=30).status == 200:
@@ -132,21 +156,23 @@ def serve_app(tmp_path_factory):
         assert not _engines_of_ray(before), _engines_of_ray(before)
 
 
-@pytest.fixture(scope="module")
-def client(serve_app):
-    return openai_client(serve_app["base"], timeout=900)
+SHARED_ENGINE = "tiny, defaults"
 
 
 @pytest.fixture(scope="module")
-def single_engine(tiny_model_dir, serve_app):
-    with in_process_llm(tiny_model_dir) as llm:
-        yield llm
+def openai_base(serve_app):
+    return serve_app["base"]
+
+
+@pytest.fixture(scope="module")
+def single_engine(engines, tiny_model_dir, serve_app):
+    return engines.get(tiny_model_dir)
 
 
 def test_serve_equals_a_single_engine(client, single_engine, serve_app):
+    from engine_harness import tokenizer
     from vllm import SamplingParams
 
-    from engine_harness import tokenizer
     from tiny_model.train import chat_prompt
 
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **RAW)
@@ -156,8 +182,13 @@ def test_serve_equals_a_single_engine(client, single_engine, serve_app):
     want_completion = single_engine.generate(prompts, greedy, use_tqdm=False)
 
     def chat(i, stream):
-        kw = dict(model="multiverse-tiny", messages=[{"role": "user", "content": texts[i]}], temperature=0,
-                  max_tokens=MAX_TOKENS, extra_body=RAW)
+        kw = dict(
+            model="multiverse-tiny",
+            messages=[{"role": "user", "content": texts[i]}],
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            extra_body=RAW,
+        )
         if not stream:
             r = client.chat.completions.create(**kw)
             return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
@@ -176,11 +207,20 @@ def test_serve_equals_a_single_engine(client, single_engine, serve_app):
     assert sum("<Parallel>" in text for text, _, _ in got) >= 8
 
     for prompt, w in zip(prompts, want_completion):
-        r = client.completions.create(model="multiverse-tiny", prompt=prompt, temperature=0,
-                                      max_tokens=MAX_TOKENS, extra_body=RAW)
+        r = client.completions.create(
+            model="multiverse-tiny", prompt=prompt, temperature=0, max_tokens=MAX_TOKENS, extra_body=RAW
+        )
         assert r.choices[0].text == w.outputs[0].text
-        chunks = list(client.completions.create(model="multiverse-tiny", prompt=prompt, temperature=0,
-                                                max_tokens=MAX_TOKENS, extra_body=RAW, stream=True))
+        chunks = list(
+            client.completions.create(
+                model="multiverse-tiny",
+                prompt=prompt,
+                temperature=0,
+                max_tokens=MAX_TOKENS,
+                extra_body=RAW,
+                stream=True,
+            )
+        )
         assert "".join(c.choices[0].text for c in chunks) == w.outputs[0].text
 
 
@@ -199,8 +239,9 @@ def test_both_replicas_served_and_counters_are_exported(client, serve_app):
     # send some here). Ray exports each replica's metrics every few
     # seconds, so a read can hold a fork whose merge comes with the next.
     for t in user_texts(4):
-        client.chat.completions.create(model="multiverse-tiny", messages=[{"role": "user", "content": t}],
-                                       temperature=0, max_tokens=MAX_TOKENS)
+        client.chat.completions.create(
+            model="multiverse-tiny", messages=[{"role": "user", "content": t}], temperature=0, max_tokens=MAX_TOKENS
+        )
     t0 = time.time()
     while True:
         text = _get(serve_app["metrics"], timeout=10)

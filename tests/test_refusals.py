@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import LLM_DEFAULTS, TINY_MODEL
 
 BASE = dict(model=str(TINY_MODEL), dtype="float32", enforce_eager=True, max_model_len=2048,
@@ -62,9 +61,8 @@ REPLAY = "forcing:ReplayLogitsProcessor"
 
 @pytest.mark.parametrize("processors", [[REPLAY], "class"], ids=["by name", "by class"])
 def test_a_multiverse_aware_logits_processor_is_accepted(processors):
-    from vllm.engine.arg_utils import EngineArgs
-
     from forcing import ReplayLogitsProcessor
+    from vllm.engine.arg_utils import EngineArgs
 
     if processors == "class":
         processors = [ReplayLogitsProcessor]
@@ -107,6 +105,11 @@ def test_the_rust_frontend_is_refused(monkeypatch):
 
     from vllm_multiverse.vllm032.validate import MultiverseConfigError
 
+    from vllm import envs
+
+    # An engine started earlier in this process froze vLLM's reading of the
+    # environment (as a server does once it has started).
+    envs.disable_envs_cache()
     monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "1")
     with pytest.raises(MultiverseConfigError, match="VLLM_USE_RUST_FRONTEND=1") as err:
         EngineArgs(**BASE).create_engine_config()
@@ -159,7 +162,8 @@ def test_no_multiverse_enabled_is_the_way_out(case):
     from vllm.engine.arg_utils import EngineArgs
 
     kwargs, _ = REFUSED[case]
-    cfg = EngineArgs(**(BASE | kwargs | {"additional_config": {"multiverse": {"enabled": False}}})).create_engine_config()
+    off = {"additional_config": {"multiverse": {"enabled": False}}}
+    cfg = EngineArgs(**(BASE | kwargs | off)).create_engine_config()
     assert "multiverse" not in str(cfg.scheduler_config.scheduler_cls).lower()
 
 
@@ -190,8 +194,13 @@ def test_vllm_serve_exits_with_the_reason():
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
     vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
     t0 = time.monotonic()
-    res = subprocess.run([vllm, "serve", str(TINY_MODEL), "--plugin", "multiverse", "--dtype", "bfloat16",
-                          "--port", "8931"], env=env, capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [vllm, "serve", str(TINY_MODEL), "--plugin", "multiverse", "--dtype", "bfloat16", "--port", "8931"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode != 0
     assert "does not support bfloat16" in res.stderr + res.stdout and "--dtype float32" in res.stderr + res.stdout
     assert time.monotonic() - t0 < 120

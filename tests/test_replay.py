@@ -6,8 +6,7 @@ sequence (root, branch, nested branch) onto the transcript."""
 from __future__ import annotations
 
 import pytest
-
-from conftest import TINY_MODEL, in_process_llm
+from conftest import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +135,16 @@ def test_an_unknown_path_is_not_forced(tok, tags):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
+def llm(engines, tiny_model_dir):
     from forcing import ReplayLogitsProcessor
 
-    with in_process_llm(tiny_model_dir, logits_processors=[ReplayLogitsProcessor]) as llm:
-        yield llm
+    return engines.get(tiny_model_dir, logits_processors=[ReplayLogitsProcessor])
 
 
 def test_engine_reproduces_an_edited_transcript(llm):
+    from forcing import replay_args
     from vllm import SamplingParams
 
-    from forcing import replay_args
     from tiny_model.train import chat_prompt
 
     tok = llm.get_tokenizer()
@@ -169,5 +167,5 @@ def test_engine_reproduces_an_edited_transcript(llm):
     got = [list(o.outputs[0].token_ids) for o in outs]
     assert got[:-1] == want
     assert got[-1] != want[0]
-    stats = llm.llm_engine.engine_core.engine_core.scheduler.mv.stats
+    stats = llm.llm_engine.engine_core.engine_core.scheduler.trees.stats
     assert stats["forks"] >= 6  # each parallel request forked at every block, nested ones included

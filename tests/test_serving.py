@@ -6,9 +6,8 @@ streams, and vLLM's usual errors for bad requests."""
 import asyncio
 
 import pytest
-
-from conftest import TINY_MODEL, environ, in_process_llm
-from engine_harness import openai_client, tokenizer, user_texts
+from conftest import TINY_MODEL, environ
+from engine_harness import tokenizer, user_texts
 
 MAX_TOKENS = 1500
 RAW = {"skip_special_tokens": False}  # the full structure, tags included
@@ -33,15 +32,17 @@ def server(tiny_model_dir, tmp_path_factory):
         proc.kill()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai_client(server["base"], timeout=600)
+SHARED_ENGINE = "tiny, defaults"
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_model_dir, server):
-    with in_process_llm(tiny_model_dir) as llm:
-        yield llm
+def openai_base(server):
+    return server["base"]
+
+
+@pytest.fixture(scope="module")
+def offline(engines, tiny_model_dir, server):
+    return engines.get(tiny_model_dir)
 
 
 def _chat_prompt(text):
@@ -106,12 +107,12 @@ def test_n_stop_max_tokens_and_logprobs(client):
 
 def test_32_concurrent_streams_complete(server):
     from openai import AsyncOpenAI
-
-    from vllm_multiverse.structure import analyze
-    from vllm_multiverse.model_config import read_multiverse_config
     from transformers import AutoConfig
 
-    mv = read_multiverse_config(AutoConfig.from_pretrained(TINY_MODEL)).tokens
+    from vllm_multiverse.model_config import read_model_declaration
+    from vllm_multiverse.structure import analyze
+
+    mv = read_model_declaration(AutoConfig.from_pretrained(TINY_MODEL)).tokens
     texts = [_chat_prompt(t) for t in user_texts(16)] * 2
 
     async def one(client, text):

@@ -8,9 +8,8 @@ finished greedy outputs equals the reference decoder's."""
 import random
 
 import pytest
-
-from conftest import in_process_llm
 from engine_harness import greedy, held_out_prompts, reference_output, scheduler, tokenizer
+from tree_checks import leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +22,8 @@ CHECKED = 200
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    with in_process_llm(tiny_model_dir, kv_cache_memory_bytes=KV_BYTES) as llm:
-        yield llm
+def llm(engines, tiny_model_dir):
+    return engines.get(tiny_model_dir, kv_cache_memory_bytes=KV_BYTES)
 
 
 def _prompts() -> list[list[int]]:
@@ -78,7 +76,7 @@ def test_soak_10000_mixed_requests(llm):
                 req["finish"] = o.outputs[0].finish_reason
                 done[o.request_id] = live.pop(o.request_id)
         steps += 1
-        just_merged = {r.split("-")[0] for r in sched.requests if r in sched.mv.copies}
+        just_merged = {r.split("-")[0] for r in sched.requests if r in sched.trees.copies}
         to_abort = [rid for rid, r in live.items() if r["abort_at"] is not None and steps >= r["abort_at"]]
         to_abort += [rid for rid in just_merged if rid in live and rng.random() < 0.05]
         if to_abort:
@@ -89,9 +87,9 @@ def test_soak_10000_mixed_requests(llm):
                 live.pop(rid)
             aborted += len(to_abort)
     assert added == N and aborted > N // 8 and aborted_after_merge > 0
-    assert sched.mv.stats["preemptions"] > 0 and sched.mv.stats["merges"] > 0
+    assert sched.trees.stats["preemptions"] > 0 and sched.trees.stats["merges"] > 0
     assert not engine.has_unfinished_requests()
-    assert not sched.requests and sched.mv.leftovers() == {}
+    assert not sched.requests and leftovers(sched.trees) == {}
     assert pool.get_num_free_blocks() == free0
     finished = sorted(done)
     for rid in rng.sample(finished, min(CHECKED, len(finished))):
@@ -99,4 +97,4 @@ def test_soak_10000_mixed_requests(llm):
         want, reason = reference_output(tuple(r["prompt"]), r["max_tokens"])
         assert (r["tokens"], r["finish"]) == (want, reason), rid
     print(f"soak: {added} requests, {len(done)} finished, {aborted} aborted ({aborted_after_merge} right after "
-          f"a merge), {steps} steps, stats {dict(sched.mv.stats)}")
+          f"a merge), {steps} steps, stats {dict(sched.trees.stats)}")

@@ -148,7 +148,10 @@ def test_malformed_is_causal(text, note):
 
 
 def test_too_many_outlines_and_too_deep_are_causal():
-    three = "<Parallel> <Goal> <Outline> 1 : </Outline> <Outline> 2 : </Outline> <Outline> 3 : </Outline> </Goal> NL <Path> a </Path> NL <Path> b </Path> NL"
+    three = (
+        "<Parallel> <Goal> <Outline> 1 : </Outline> <Outline> 2 : </Outline> <Outline> 3 : </Outline> </Goal> "
+        "NL <Path> a </Path> NL <Path> b </Path> NL"
+    )
     s = analyze(ids(three), TOKENS, StructureConfig(max_outlines=2))
     assert not s.events and not s.spans and "3 Outlines > max_outlines" in s.notes[0].message
     assert s.positions.tolist() == list(range(len(ids(three))))

@@ -179,7 +179,7 @@ def test_fork_copies_state():
     seq = ids("<Parallel> <Goal> <Outline> 1 : </Outline> <Outline> 2 : </Outline> </Goal>")
     parent = StructureState(TOKENS)
     ev = parent.extend(seq)[-1]
-    branch = parent.fork()
+    branch = parent.copy()
     branch.extend(ev.branch_headers[1])
     assert len(parent) == len(seq) and len(branch) == len(seq) + 5
     assert parent.chain == () and branch.chain == ((0, 0),)
@@ -201,7 +201,7 @@ def test_a_fork_and_its_parent_go_on_independently(seq, data):
     want = _trace(fresh, seq)
     parent = StructureState(TOKENS)
     head = _trace(parent, seq[:cut])
-    branch = parent.fork()
+    branch = parent.copy()
     # The branch runs ahead first: nothing it does may reach its parent.
     got_branch = _trace(branch, seq[cut:])
     got_parent = _trace(parent, seq[cut:])

@@ -9,15 +9,14 @@ import json
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import synthetic_transcripts as st  # noqa: E402
 
-from vllm_multiverse.structure import EventKind  # noqa: E402
 from tiny_model.evaluate import critical_path  # noqa: E402
+from vllm_multiverse.structure import EventKind  # noqa: E402
 
 COMMITTED = sorted(p.parent for p in st.TRANSCRIPTS.glob(f"*/{st.MANIFEST}")
                    if json.loads(p.read_text()).get("generator") == "benchmarks/synthetic_transcripts.py")

@@ -5,17 +5,31 @@ corrupted KV or leaked, each driven through the fake engine."""
 from __future__ import annotations
 
 import pytest
+from fake_engine import FakeEngine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_structure_properties import malformed
 from toy_vocab import TOKENS, VOCAB, ids
-
-from fake_engine import FakeEngine
+from tree_checks import held_blocks, leftovers
 
 from vllm_multiverse.config import MultiverseConfig
 from vllm_multiverse.structure import StructureConfig, StructureState, analyze
-from vllm_multiverse.tree import BranchResult, End, Finish, Fork, MultiverseState, StopRule, Track, text_in_order
-from vllm_multiverse.tree import pressure
+from vllm_multiverse.tree import (
+    BranchResult,
+    Cut,
+    End,
+    Finish,
+    Fork,
+    Limits,
+    StopRule,
+    Track,
+    Trees,
+    is_branch,
+    lifecycle,
+    merge,
+    pressure,
+    text_in_order,
+)
 
 NL = VOCAB["\n"]
 BLOCK = ids(
@@ -28,7 +42,9 @@ BLOCK = ids(
 def _fork(paths: list[list[int]], ends=None, budget=100, stops=()) -> Fork:
     """A fork whose Paths ended with these texts (headers included)."""
     headers = tuple(tuple(p[:4]) for p in paths)
-    fork = Fork("p", 0, "p", "p", headers, prefix_len=10, lead_len=1, rule=StopRule(budget, frozenset(stops)), concurrency=2)
+    fork = Fork(
+        "p", 0, "p", "p", headers, prefix_len=10, lead_len=1, rule=StopRule(budget, frozenset(stops)), concurrency=2
+    )
     for k, p in enumerate(paths):
         n = 5 if k == 0 else 4  # "\n<Path>\n1:" and "<Path>\n2:"
         written = bytes([1] * n + [0] * (len(p) - n))
@@ -37,33 +53,37 @@ def _fork(paths: list[list[int]], ends=None, budget=100, stops=()) -> Fork:
     return fork
 
 
+def _text(fork: Fork, rule: StopRule, header) -> Cut | None:
+    return text_in_order(fork.results, fork.num_paths, rule, header)
+
+
 P1 = ids("NL <Path> NL 1 : a a </Path> NL")
 P2 = ids("<Path> NL 2 : b d b </Path> NL")
 
 
 def test_text_in_order_is_the_sequential_text():
-    cut = text_in_order(_fork([P1, P2]), StopRule(100, frozenset()), TOKENS.conclusion_header)
+    cut = _text(_fork([P1, P2]), StopRule(100, frozenset()), TOKENS.conclusion_header)
     assert cut.tokens == P1 + P2 + list(TOKENS.conclusion_header) and cut.end is None
     assert cut.written == bytes([1] * 5 + [0] * 4 + [1] * 4 + [0] * 5 + [1, 1])
 
 
 def test_a_stop_token_in_a_later_path_ends_the_text_there():
     d = VOCAB["d"]
-    cut = text_in_order(_fork([P1, P2]), StopRule(100, frozenset({d})), TOKENS.conclusion_header)
+    cut = _text(_fork([P1, P2]), StopRule(100, frozenset({d})), TOKENS.conclusion_header)
     assert cut.tokens == P1 + P2[: P2.index(d) + 1]
     assert cut.end == End(Finish.STOPPED, d)
 
 
 def test_written_tokens_never_stop_the_text():
     # <Path> is a stop token here, but the engine wrote every <Path>.
-    cut = text_in_order(_fork([P1, P2]), StopRule(100, frozenset({VOCAB["<Path>"]})), TOKENS.conclusion_header)
+    cut = _text(_fork([P1, P2]), StopRule(100, frozenset({VOCAB["<Path>"]})), TOKENS.conclusion_header)
     assert cut.end is None
 
 
 @pytest.mark.parametrize("budget", [3, len(P1), len(P1) + 2, len(P1) + len(P2) + 1])
 def test_the_budget_cuts_in_text_order(budget):
     # The budget is what max_tokens and max_model_len leave, whichever is less.
-    cut = text_in_order(_fork([P1, P2]), StopRule(budget, frozenset()), TOKENS.conclusion_header)
+    cut = _text(_fork([P1, P2]), StopRule(budget, frozenset()), TOKENS.conclusion_header)
     assert cut.tokens == (P1 + P2 + list(TOKENS.conclusion_header))[:budget]
     assert cut.end == End(Finish.LENGTH)
 
@@ -72,34 +92,33 @@ def test_the_budget_cuts_in_text_order(budget):
 def test_a_path_that_ends_early_ends_the_text_there(finish):
     # Path 1 stopped before its tail for some other reason: Path 2 is past the end.
     short = P1[:6]
-    cut = text_in_order(_fork([short, P2], ends={0: End(finish)}), StopRule(100, frozenset()), TOKENS.conclusion_header)
+    cut = _text(_fork([short, P2], ends={0: End(finish)}), StopRule(100, frozenset()), TOKENS.conclusion_header)
     assert cut.tokens == short and cut.end == End(finish)
 
 
 def test_the_text_waits_for_a_path_that_could_still_be_in_it():
     fork = _fork([P1, P2])
     del fork.results[1]
-    assert text_in_order(fork, StopRule(100, frozenset()), TOKENS.conclusion_header) is None
+    assert _text(fork, StopRule(100, frozenset()), TOKENS.conclusion_header) is None
     # ... unless the text already ended before it.
     fork.results[0].end = End(Finish.LENGTH)
-    assert text_in_order(fork, StopRule(100, frozenset()), TOKENS.conclusion_header).end == End(Finish.LENGTH)
+    assert _text(fork, StopRule(100, frozenset()), TOKENS.conclusion_header).end == End(Finish.LENGTH)
 
 
 def test_caps_hold_per_client_request():
     """n > 1 siblings share one client request: their forks together run
     at most max_branches_per_request branches beside their siblings."""
     cfg = MultiverseConfig(max_branches_per_request=3)
-    state = MultiverseState(TOKENS, StructureConfig(), cfg, blocks=None)
+    trees = Trees(TOKENS, StructureConfig(), cfg, None, max_model_len=1000)
     goal = BLOCK[: BLOCK.index(VOCAB["</Goal>"]) + 1]
-    rule = StopRule(100, frozenset())
-    a = state.add("0_r", goal, sequential=False, client="r")
-    b = state.add("1_r", goal, sequential=False, client="r")
-    c = state.add("s", goal, sequential=False, client="s")
+    a = trees.add("0_r", goal, Limits(100), sequential=False, client="r")
+    b = trees.add("1_r", goal, Limits(100), sequential=False, client="r")
+    c = trees.add("s", goal, Limits(100), sequential=False, client="s")
     assert a.engine_due and b.engine_due and c.engine_due
-    assert state.fork("0_r", rule).concurrency == 2
-    assert state.fork("1_r", rule).concurrency == 1  # 2 + 2 > 3: one at a time
-    assert state.fork("s", rule).concurrency == 2  # another client
-    assert state.stats["fallbacks"] == 1
+    assert lifecycle.open_fork(trees, "0_r").concurrency == 2
+    assert lifecycle.open_fork(trees, "1_r").concurrency == 1  # 2 + 2 > 3: one at a time
+    assert lifecycle.open_fork(trees, "s").concurrency == 2  # another client
+    assert trees.stats["fallbacks"] == 1
 
 
 def test_victims_are_the_lowest_priority_then_the_newest():
@@ -148,14 +167,14 @@ def test_a_request_gone_between_its_merge_and_its_copies_corrupts_nothing(how):
     engine, t = _two_requests(NESTED)
     if how == "preempt":
         # A nested merge: the merged request is a branch, gone with its tree.
-        _until(engine, lambda: any("\x1fmv" in r and r in engine.mv.copies for r in engine.reqs))
-        engine.preempt_tree(next(r for r in engine.reqs if r in engine.mv.copies).split("\x1f")[0])
+        _until(engine, lambda: any(is_branch(r) and r in engine.trees.copies for r in engine.reqs))
+        engine.preempt_tree(engine.trees.tracks[next(r for r in engine.reqs if r in engine.trees.copies)].root)
     else:
-        _until(engine, lambda: "a" in engine.mv.copies)
+        _until(engine, lambda: "a" in engine.trees.copies)
         engine.abort_all() if how == "abort_all" else engine.abort(["a"])
     engine.add("c", t, 1, len(t) - 1)  # allocates in the next step
     _until(engine, lambda: not engine.has_work())
-    assert not engine.mv.leftovers() and len(engine.pool.free) == len(engine.pool.blocks)
+    assert not leftovers(engine.trees) and len(engine.pool.free) == len(engine.pool.blocks)
     assert engine.results["c"].tokens == t
     if how == "preempt":
         assert engine.results["a"].tokens == t
@@ -163,8 +182,8 @@ def test_a_request_gone_between_its_merge_and_its_copies_corrupts_nothing(how):
 
 def test_a_branch_aborted_alone_runs_its_path_again():
     engine, t = _two_requests()
-    _until(engine, lambda: any("\x1fmv" in r for r in engine.reqs))
-    branch = next(r for r in engine.reqs if "\x1fmv" in r)
+    _until(engine, lambda: any(is_branch(r) for r in engine.reqs))
+    branch = next(r for r in engine.reqs if is_branch(r))
     engine.abort([branch])
     _until(engine, lambda: not engine.has_work())
     assert engine.results["a"].tokens == t and engine.results["b"].tokens == t
@@ -172,10 +191,10 @@ def test_a_branch_aborted_alone_runs_its_path_again():
 
 def test_clear_releases_every_fork_stash_and_copy():
     engine, t = _two_requests()
-    _until(engine, lambda: engine.mv.forks and any(f.results for f in engine.mv.forks.values()))
-    assert engine.mv.held_blocks()
+    _until(engine, lambda: engine.trees.forks and any(f.results for f in engine.trees.forks.values()))
+    assert held_blocks(engine.trees)
     engine.abort_all()
-    assert not engine.reqs and not engine.mv.leftovers() and not engine.mv.held_blocks()
+    assert not engine.reqs and not leftovers(engine.trees) and not held_blocks(engine.trees)
     assert len(engine.pool.free) == len(engine.pool.blocks)
 
 
@@ -183,11 +202,11 @@ def test_a_merge_that_preempts_another_tree_skips_that_fork():
     """Making room for one merge may preempt another tree whose fork was
     ready in the same step: that fork is gone, not merged."""
     engine, _ = _two_requests()
-    _until(engine, lambda: {"a", "b"} <= set(engine.mv.forks))
-    for fork in engine.mv.forks.values():
-        fork.merging = True  # both ready in one step
+    _until(engine, lambda: {"a", "b"} <= set(engine.trees.forks))
+    for fork in engine.trees.forks.values():
+        fork.cut = Cut([], b"", None, End(Finish.LENGTH))  # both ready in one step
     merged = []
-    for fork in engine.mv.ready_to_merge():
+    for fork in merge.ready(engine.trees):
         merged.append(fork.parent)
         engine.preempt_tree(({"a", "b"} - {fork.parent}).pop())
     assert len(merged) == 1
@@ -201,12 +220,13 @@ def test_a_track_extended_in_bulk_is_the_track_appended_token_by_token(seq, data
     range of constant shift answers what the batch rule's positions say."""
     k = data.draw(st.integers(0, len(seq)))
     written = data.draw(st.lists(st.booleans(), min_size=len(seq), max_size=len(seq)))
-    bulk, one = (Track(StructureState(TOKENS), root="r", client="r") for _ in range(2))
+    bulk, one = (Track(StructureState(TOKENS), root="r", client="r", limits=Limits(100)) for _ in range(2))
     bulk.extend(seq[:k])
     bulk.extend(seq[k:], bytes(written[k:]))
     for i, tok in enumerate(seq):
         one.append(tok, written=i >= k and written[i])
-    assert bulk.positions == one.positions and bulk.hidden == one.hidden and bulk.written == one.written
+    assert bulk.tokens == one.tokens and bulk.positions == one.positions
+    assert bulk.hidden == one.hidden and bulk.written == one.written
     for attr in ("position", "chain", "event", "block", "part"):
         assert getattr(bulk.state, attr) == getattr(one.state, attr), attr
     if not seq:
@@ -216,5 +236,5 @@ def test_a_track_extended_in_bulk_is_the_track_appended_token_by_token(seq, data
     end = data.draw(st.integers(start + 1, len(seq)))
     shifts = {i - pos[i] for i in range(start, end)}
     want = (shifts.pop() or None) if len(shifts) == 1 else pos[start:end]
-    for track in (bulk, one, one.branch(_fork([]), 0, ())):
+    for track in (bulk, one, one.branch(_fork([]), 0, (), 100)):
         assert track.positions_for(start, end) == want

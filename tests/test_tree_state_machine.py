@@ -13,12 +13,12 @@ and nothing is left.
 
 from __future__ import annotations
 
+from fake_engine import FakeEngine
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from toy_vocab import VOCAB
-
-from fake_engine import FakeEngine
+from tree_checks import leftovers
 
 from vllm_multiverse.config import MultiverseConfig
 from vllm_multiverse.tree import Finish, is_branch
@@ -133,15 +133,15 @@ class TreeMachine(RuleBasedStateMachine):
         self.wanted[rid] = None
 
     def _just_merged(self):
-        return sorted(r for r in self.engine.reqs if r in self.engine.mv.copies)
+        return sorted(r for r in self.engine.reqs if r in self.engine.trees.copies)
 
     @precondition(lambda self: self._just_merged())
     @rule(data=st.data(), preempt=st.booleans())
     def abort_or_preempt_just_merged(self, data, preempt):
         # Between a merge and the step that runs its copies: the copies'
         # blocks must not go to another request in that step.
-        root = self.engine.mv.tracks[data.draw(st.sampled_from(self._just_merged()))].root
-        if preempt and root in self.engine._active_roots():
+        root = self.engine.trees.tracks[data.draw(st.sampled_from(self._just_merged()))].root
+        if preempt and root in self.engine.active_roots():
             self.engine.preempt_tree(root)
         else:
             self.engine.abort([root])
@@ -160,10 +160,10 @@ class TreeMachine(RuleBasedStateMachine):
             self.wanted[rid] = None
         self.engine.abort_all()
 
-    @precondition(lambda self: self.engine._active_roots())
+    @precondition(lambda self: self.engine.active_roots())
     @rule(data=st.data())
     def preempt_tree(self, data):
-        self.engine.preempt_tree(data.draw(st.sampled_from(self.engine._active_roots())))
+        self.engine.preempt_tree(data.draw(st.sampled_from(self.engine.active_roots())))
 
     @rule()
     def pause(self):
@@ -186,7 +186,7 @@ class TreeMachine(RuleBasedStateMachine):
             engine.step()
             engine.check()
         assert not engine.has_work(), "requests never finished"
-        assert not engine.reqs and not engine.mv.leftovers()
+        assert not engine.reqs and not leftovers(engine.trees)
         assert all(b.ref == 0 for b in engine.pool.blocks) and len(engine.pool.free) == len(engine.pool.blocks)
         for rid, want in self.wanted.items():
             got = engine.results[rid]

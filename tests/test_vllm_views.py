@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import vllm.v1.kv_cache_layout
+import vllm_views
+from kernel_cases import random_copies, reference_copy
+from vendor.kv_cache_layout import KVCacheLayout
 from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
 from vllm.v1.worker.utils import allocate_kv_cache
 
-import vllm_views
-from kernel_cases import random_copies, reference_copy
-from vendor.kv_cache_layout import KVCacheLayout
 from vllm_multiverse.kernels.kv_copy import copy_token_slots
 
 HEADS, HEAD_SIZE, BLOCKS, BLOCK = 4, 8, 6, 64

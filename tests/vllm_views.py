@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from math import prod
 
 import torch
-
 from vendor.kv_cache_layout import KVCacheLayout
 
 

@@ -57,6 +57,11 @@ class MultiverseConfig:
         )
 
     @classmethod
+    def of(cls, vllm_config: Any) -> MultiverseConfig:
+        """The options of a vLLM engine config (its ``additional_config``)."""
+        return cls.from_dict(raw_options(vllm_config))
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> MultiverseConfig:
         raw = dict(raw or {})
         known = {f.name for f in fields(cls)}
@@ -67,3 +72,15 @@ class MultiverseConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def raw_options(vllm_config: Any) -> dict[str, Any]:
+    """``additional_config["multiverse"]`` of a vLLM engine config, as given."""
+    return (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+
+
+def turned_on(vllm_config: Any) -> bool:
+    """Whether start-up turned Multiverse decoding on for this engine (it
+    stores ``enabled=True``; the API server, the stat logger and the
+    per-request checks read it)."""
+    return raw_options(vllm_config).get("enabled") is True

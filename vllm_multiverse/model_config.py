@@ -32,7 +32,7 @@ UNDECLARED_POSITIONS: PositionConvention = "engine"
 
 
 @dataclass(frozen=True)
-class MultiverseModelInfo:
+class ModelDeclaration:
     tokens: MultiverseTokens
     positions: PositionConvention
 
@@ -78,14 +78,14 @@ def write_multiverse_config(model_dir: str | Path, entry: dict[str, Any]) -> Non
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def read_multiverse_config(config: dict[str, Any] | Any) -> MultiverseModelInfo | None:
+def read_model_declaration(config: dict[str, Any] | Any) -> ModelDeclaration | None:
     """The declaration in a config (a dict or a transformers config), if any."""
     entry = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
     if not entry:
         return None
     if entry.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported multiverse config format {entry.get('format_version')!r}")
-    return MultiverseModelInfo(tokens=MultiverseTokens.from_config(entry["tokens"]), positions=entry["positions"])
+    return ModelDeclaration(tokens=MultiverseTokens.from_config(entry["tokens"]), positions=entry["positions"])
 
 
 def model_declaration(model_dir: str | Path) -> dict[str, Any] | None:

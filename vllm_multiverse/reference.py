@@ -56,7 +56,7 @@ class ReferenceDecoder:
     def from_pretrained(cls, path: str | Path, config: StructureConfig | None = None) -> ReferenceDecoder:
         from transformers import AutoModelForCausalLM
 
-        from vllm_multiverse.model_config import model_declaration, read_multiverse_config
+        from vllm_multiverse.model_config import model_declaration, read_model_declaration
 
         path = Path(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -64,7 +64,7 @@ class ReferenceDecoder:
         entry = model_declaration(path)
         if entry is None:
             raise ValueError(f"{path} is not a Multiverse model (no declaration, no Multiverse tags)")
-        info = read_multiverse_config({"multiverse": entry})
+        info = read_model_declaration({"multiverse": entry})
         config = config or StructureConfig(positions=info.positions)
         eos = model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]

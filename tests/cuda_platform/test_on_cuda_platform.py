@@ -147,7 +147,8 @@ def test_a_multiverse_engine_config_on_cuda():
 def test_a_users_own_v1_choice_stays(monkeypatch):
     monkeypatch.setenv(wiring.V2_ENV, "0")
     engine_config()
-    EngineArgs(model=str(TINY), dtype="bfloat16", additional_config={"multiverse": {"enabled": False}}).create_engine_config()
+    stock = {"multiverse": {"enabled": False}}
+    EngineArgs(model=str(TINY), dtype="bfloat16", additional_config=stock).create_engine_config()
     assert os.environ[wiring.V2_ENV] == "0"
 
 
@@ -223,7 +224,7 @@ def test_the_model_builds_its_attention_on_the_multiverse_backends(capability, s
         impl = type(layer.impl)
         assert issubclass(impl, MaskedRowsImpl) and issubclass(impl, resolve_obj_by_qualname(IMPLS[chosen]))
         assert impl.forward is MaskedRowsImpl.forward
-    from vllm_multiverse.vllm032.runner import check_attention_layers
+    from vllm_multiverse.vllm032.validate import check_attention_layers
 
     check_attention_layers(cfg)  # what load_model checks: nothing refused
 
@@ -295,8 +296,16 @@ def test_the_masked_routes_memory_is_reserved_before_the_kv_cache():
 
 
 def _new_request(rid: str, tokens: list[int], block: int) -> NewRequestData:
-    return NewRequestData(req_id=rid, prompt_token_ids=tokens, mm_features=[], sampling_params=SamplingParams(max_tokens=4),
-                          pooling_params=None, block_ids=([block],), num_computed_tokens=0, lora_request=None)  # fmt: skip
+    return NewRequestData(
+        req_id=rid,
+        prompt_token_ids=tokens,
+        mm_features=[],
+        sampling_params=SamplingParams(max_tokens=4),
+        pooling_params=None,
+        block_ids=([block],),
+        num_computed_tokens=0,
+        lora_request=None,
+    )
 
 
 def _with_kv_cache(cfg):

@@ -1,6 +1,6 @@
 """The Multiverse structure of a token sequence: the project's ground truth.
 
-One rule (:mod:`.state`), in an incremental form for decoding and a batch
+One rule, in an incremental form (:mod:`.incremental`) for decoding and a batch
 form (:mod:`.analysis`) for training, reference decoding and masked prefill.
 """
 
@@ -14,16 +14,19 @@ from vllm_multiverse.structure.incremental import (
     StructureConfig,
     StructureState,
 )
+from vllm_multiverse.structure.masks import Hidden, Rect
 from vllm_multiverse.structure.tokens import TAG_NAMES, MultiverseTokens
 
 __all__ = [
     "TAG_NAMES",
     "Event",
     "EventKind",
+    "Hidden",
     "MultiverseTokens",
     "Note",
     "Part",
     "PositionConvention",
+    "Rect",
     "Span",
     "Structure",
     "StructureConfig",

@@ -152,7 +152,7 @@ class StructureState:
         """Parallel blocks opened and not yet closed (causal ones included)."""
         return len(self._stack)
 
-    def fork(self) -> StructureState:
+    def copy(self) -> StructureState:
         """An independent copy (a branch continues from its parent's state).
 
         By hand, not ``deepcopy``: a fork copies one state per Path, and

@@ -2,8 +2,9 @@
 
 Blocks are opaque to the tree: it only counts, keeps and hands back
 references. (A branch's table, on its parent's blocks, is made by the host
-when it starts the branch: that is vLLM's own prefix sharing.) vLLM's pool implements this in ``vllm032/kv.py``; the unit
-tests implement it with a dictionary.
+when it starts the branch: that is vLLM's own prefix sharing.) vLLM's pool
+implements this in ``vllm032/kv.py``; the unit tests implement it with a
+dictionary.
 """
 
 from __future__ import annotations
@@ -42,3 +43,7 @@ class BlockOps(Protocol):
 
     def freeable(self, request_ids: Sequence[str], stashes: Sequence[Sequence[Block]]) -> int:
         """Blocks that would become free if these tables and stashes went."""
+
+    def blocks_short(self, running: Sequence[str]) -> int:
+        """Blocks the running requests' next token each needs beyond the
+        free ones (a prefill's further chunks are the host's to fit)."""

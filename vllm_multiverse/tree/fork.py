@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from vllm_multiverse.tree.blocks import Block
-from vllm_multiverse.tree.text_order import End, StopRule
+from vllm_multiverse.tree.text_order import BranchResult, Cut, StopRule
 
-BRANCH_TAG = "\x1fmv"  # in branch request ids: "{parent}\x1fmv{block}.{path}"
+BRANCH_TAG = "\x1fmv"  # in branch request ids: "{parent}\x1fmv{parallel_uid}.{path}"
 
 
 def is_branch(request_id: str) -> bool:
@@ -15,19 +16,9 @@ def is_branch(request_id: str) -> bool:
 
 
 @dataclass(eq=False)
-class BranchResult:
-    request_id: str
-    tokens: list[int]  # the Path's text (Path 1's with the shared lead)
-    written: bytes  # 1 where the engine wrote tokens[i]
-    blocks: list[Block]  # its KV, still referenced: the tree's stash
-    end: End | None  # None: ended at its tail; else where and why the text ends
-    rows: list | None  # logprob rows (None where written), if asked for
-
-
-@dataclass(eq=False)
 class Fork:
     parent: str  # the request that forked (parked until the merge)
-    block_uid: int
+    parallel_uid: int  # the Parallel block's uid (its <Parallel> token's index)
     root: str
     client: str
     headers: tuple[tuple[int, ...], ...]  # one per Path; Path 1's with the lead
@@ -35,29 +26,39 @@ class Fork:
     lead_len: int
     rule: StopRule  # where the parent's text must stop
     concurrency: int  # branches that may run at once
-    keep_rows: bool = False  # logprobs asked for: branches keep their rows
+    keep_logprobs: bool = False  # branches keep their logprobs for the merge
     pending: list[int] = field(default_factory=list)  # Paths not started yet
     running: dict[int, str] = field(default_factory=dict)  # Path -> branch id
     results: dict[int, BranchResult] = field(default_factory=dict)
-    merging: bool = False  # its text is decided: queued for its merge
+    # The text in order, once decided (the fork is then queued for its merge).
+    cut: Cut | None = None
 
     @property
     def num_paths(self) -> int:
         return len(self.headers)
 
-    def branch_id(self, k: int) -> str:
-        return f"{self.parent}{BRANCH_TAG}{self.block_uid}.{k}"
+    def branch_id(self, path: int) -> str:
+        return f"{self.parent}{BRANCH_TAG}{self.parallel_uid}.{path}"
 
-    def text_start(self, k: int) -> int:
-        """Where Path k's own text starts in its branch's tokens (the lead
+    def text_start(self, path: int) -> int:
+        """Where a Path's own text starts in its branch's tokens (the lead
         is Path 1's alone)."""
-        return self.prefix_len if k == 0 else self.prefix_len + self.lead_len
+        return self.prefix_len if path == 0 else self.prefix_len + self.lead_len
 
     def stashes(self) -> list[list[Block]]:
         return [r.blocks for r in self.results.values()]
 
 
-def concurrency(n: int, depth: int, live: int, cfg) -> tuple[int, bool]:
+class Caps(Protocol):
+    """The engine options that bound a fork (``MultiverseConfig``)."""
+
+    parallel: bool
+    max_paths_per_fork: int
+    max_depth: int
+    max_branches_per_request: int
+
+
+def concurrency(n: int, depth: int, live: int, cfg: Caps) -> tuple[int, bool]:
     """Paths of a fork that may run at once, and whether a cap said so: all
     of them, or one at a time beyond the engine's caps (the text is the same
     either way). ``live``: the client request's branches already running
@@ -69,7 +70,7 @@ def concurrency(n: int, depth: int, live: int, cfg) -> tuple[int, bool]:
     return n, False
 
 
-def branch_seed(seed: int, block_uid: int, k: int) -> int:
+def branch_seed(seed: int, parallel_uid: int, path: int) -> int:
     """A branch's own seed, a function of the request's seed, the block and
     the Path: running a Path again gives the same text."""
-    return (seed * 1_000_003 + block_uid * 1_009 + k + 1) % (1 << 63)
+    return (seed * 1_000_003 + parallel_uid * 1_009 + path + 1) % (1 << 63)

@@ -11,12 +11,10 @@ sequential layer gives.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from vllm_multiverse.tree.fork import Fork
+from vllm_multiverse.tree.blocks import Block
 
 
 class Finish(enum.Enum):
@@ -35,64 +33,69 @@ class End:
     stop_reason: int | str | None = None
 
 
+@dataclass(eq=False)
+class BranchResult:
+    """A Path's text as its branch ended."""
+
+    request_id: str
+    tokens: list[int]  # the Path's text (Path 1's with the shared lead)
+    written: bytes  # 1 where the engine wrote tokens[i]
+    blocks: list[Block]  # its KV, still referenced: the tree's stash
+    end: End | None  # None: ended at its tail; else where and why the text ends
+    logprobs: list | None  # per token (None where written), if asked for
+
+
 @dataclass(frozen=True)
 class StopRule:
     budget: int  # tokens the parent may still append (max_tokens and max_model_len)
     stop_ids: frozenset[int]  # EOS included unless ignored
     eos: int | None = None
 
-    @classmethod
-    def of(cls, budget: int, stop_ids: Iterable[int], eos: int | None, ignore_eos: bool) -> StopRule:
-        stops = set(stop_ids)
-        if eos is not None and not ignore_eos:
-            stops.add(eos)
-        return cls(budget, frozenset(stops), eos)
-
 
 @dataclass(frozen=True)
 class Cut:
     tokens: list[int]
     written: bytes  # 1 where the engine wrote the token
-    rows: list | None  # logprob rows in text order (None where written), or None
+    logprobs: list | None  # per token in text order (None where written), or None
     end: End | None  # None: the text goes on after the Conclusion header
 
 
-def text_in_order(fork: Fork, rule: StopRule, conclusion_header: Sequence[int]) -> Cut | None:
-    """The fork's text, or None while a Path that has not ended could still
-    be part of it."""
+def text_in_order(
+    results: Mapping[int, BranchResult], num_paths: int, rule: StopRule, conclusion_header: Sequence[int]
+) -> Cut | None:
+    """A fork's text from its Paths' ``results``, or None while a Path that
+    has not ended could still be part of it."""
     text: list[int] = []
     written = bytearray()
-    rows: list | None = []
+    logprobs: list | None = []
 
     def cut(end: End | None) -> Cut:
-        return Cut(text, bytes(written), rows, end)
+        if logprobs is not None:
+            del logprobs[len(text) :]
+        return Cut(text, bytes(written), logprobs, end)
 
-    for k in range(fork.num_paths):
-        res = fork.results.get(k)
+    for k in range(num_paths):
+        res = results.get(k)
         if res is None:
             return None
-        if rows is not None and res.rows is not None:
-            rows.extend(res.rows)
+        if logprobs is not None and res.logprobs is not None:
+            logprobs.extend(res.logprobs)
         else:
-            rows = None
+            logprobs = None
         for tok, w in zip(res.tokens, res.written):
             text.append(tok)
             written.append(w)
             if not w and tok in rule.stop_ids:
-                if rows is not None:
-                    del rows[len(text) :]
                 return cut(End(Finish.STOPPED, None if tok == rule.eos else tok))
             if len(text) >= rule.budget:
-                if rows is not None:
-                    del rows[len(text) :]
                 return cut(End(Finish.LENGTH))
         if res.end is not None:
             return cut(res.end)
     for tok in conclusion_header:
         text.append(tok)
         written.append(1)
-        if rows is not None:
-            rows.append(None)
+        if logprobs is not None:
+            logprobs.append(None)
         if len(text) >= rule.budget:
             return cut(End(Finish.LENGTH))
     return cut(None)

@@ -5,10 +5,10 @@ vLLM 0.32 has no backend that takes a custom mask (and removed cascade
 attention). Fork/merge decoding needs none: a branch is a causal request
 with shifted positions. The steps that do (a prompt that holds Parallel
 blocks, a merged request recomputed after preemption, sequential decoding)
-arrive with ``attn_metadata.multiverse_masks``
-(:class:`~vllm_multiverse.kernels.masked_attention.MaskedBatch`, set by the
-runner). Each backend here is vLLM's own with its impl subclassed; steps
-with nothing to mask are vLLM's kernel alone.
+arrive with a :class:`~vllm_multiverse.kernels.masked_attention.MaskedBatch`
+on their attention metadata (``patches.masked_batch``, set by the runner).
+Each backend here is vLLM's own with its impl subclassed; steps with
+nothing to mask are vLLM's kernel alone.
 
 Routes for a step with masked rows: on CPU, the Multiverse kernel
 (``csrc/cpu/masked_attention.cpp``) and on CUDA FlashInfer's masked paged
@@ -28,17 +28,21 @@ first time vLLM resolves its path, so a backend whose library is missing
 from __future__ import annotations
 
 import importlib
+from typing import Any
+
+import torch
 
 from vllm_multiverse.kernels import cpu_masked
 from vllm_multiverse.kernels.masked_attention import (
     FlashInferMaskedPrefill,
+    Gather,
     MaskedBatch,
     flashinfer_layout,
     flashinfer_prefill,
     gather_logical,
     sdpa_masked_rows,
 )
-from vllm_multiverse.vllm032.cpu.kv_layout import gather_kv
+from vllm_multiverse.vllm032 import patches
 
 # vLLM backend (its AttentionBackendEnum name) -> module, backend class, impl class.
 BACKENDS = {
@@ -50,6 +54,7 @@ BACKENDS = {
 CUDA_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
 _PREFIX = "Multiverse_"
 
+
 class MaskedRowsImpl:
     """Mixin for a vLLM attention impl: a step with masked rows goes to the
     Multiverse route, every other step to vLLM's forward."""
@@ -58,9 +63,23 @@ class MaskedRowsImpl:
     # kernel), "flashinfer" (CUDA) or "sdpa"; settled by the worker, at
     # register() and, on CUDA, once FlashInfer's module is built (cuda/worker.py).
     route = "sdpa"
+    # How the SDPA route reads a layer's cache: the logical view (CUDA), or
+    # the CPU's packed layout (given by the CPU worker, register()).
+    gather: Gather = staticmethod(gather_logical)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        batch = getattr(attn_metadata, "multiverse_masks", None)
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        output: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        batch = patches.masked_batch(attn_metadata)
         if not batch:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if self.route != "sdpa" and self._plain() and self._whole_step(batch, query, kv_cache, attn_metadata, output):
@@ -69,8 +88,7 @@ class MaskedRowsImpl:
         # whole batch: those rows cost one causal attention more
         # (docs/attention.md).
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        gather = gather_kv if kv_cache.device.type == "cpu" else gather_logical
-        sdpa_masked_rows(batch, query, kv_cache, output, self.scale, gather)
+        sdpa_masked_rows(batch, query, kv_cache, output, self.scale, self.gather)
         return out
 
     def _plain(self) -> bool:
@@ -85,7 +103,9 @@ class MaskedRowsImpl:
             and self.kv_cache_dtype == "auto"
         )
 
-    def _whole_step(self, batch: MaskedBatch, query, kv_cache, md, output) -> bool:
+    def _whole_step(
+        self, batch: MaskedBatch, query: torch.Tensor, kv_cache: torch.Tensor, md: Any, output: torch.Tensor
+    ) -> bool:
         """Every request of the step through one masked kernel, in place of
         vLLM's (a causal request is a row without rectangles), so no row is
         computed twice. vLLM wrote the step's K/V before ``forward``
@@ -111,7 +131,7 @@ class MaskedRowsImpl:
         self._flashinfer(batch, query, kv_cache).run(batch, query, kv_cache, output)
         return True
 
-    def _flashinfer(self, batch: MaskedBatch, query, kv_cache) -> FlashInferMaskedPrefill:
+    def _flashinfer(self, batch: MaskedBatch, query: torch.Tensor, kv_cache: torch.Tensor) -> FlashInferMaskedPrefill:
         layout = flashinfer_layout(kv_cache)
         shape = (self.num_heads, self.num_kv_heads, self.head_size, query.dtype, kv_cache.dtype, self.scale)
 
@@ -124,14 +144,16 @@ class MaskedRowsImpl:
         return batch.cached(("flashinfer", layout, shape), plan)
 
 
-def register(platform_is_cpu: bool) -> None:
+def register(platform_is_cpu: bool, gather: Gather = gather_logical) -> None:
     """Point vLLM's backend entries at the Multiverse subclasses, for
-    every model this process builds from now on."""
+    every model this process builds from now on; ``gather``: how the SDPA
+    route reads this platform's cache."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     # On CPU the kernel is built or loaded now, not in a request's first
     # masked step; CUDA settles its route once the model is loaded.
     MaskedRowsImpl.route = "cpu" if platform_is_cpu and cpu_masked.cpu_kernel() is not None else "sdpa"
+    MaskedRowsImpl.gather = staticmethod(gather)
     for name in ("CPU_ATTN",) if platform_is_cpu else CUDA_BACKENDS:
         register_backend(AttentionBackendEnum[name], f"{__name__}.{_PREFIX}{name}")
 
@@ -139,7 +161,7 @@ def register(platform_is_cpu: bool) -> None:
 _made: dict[str, type] = {}
 
 
-def __getattr__(attr: str):
+def __getattr__(attr: str) -> type:
     name = attr.removeprefix(_PREFIX)
     if attr == name or name not in BACKENDS:
         raise AttributeError(attr)

@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 PREFIX = "multiverse_"
 # Set by the engine itself from vLLM's enable_prefix_caching.
@@ -27,7 +31,8 @@ _HELP = {
     "positions": "Position convention (default: the one the model declares).",
     "max_paths_per_fork": "Paths of one fork run in parallel up to this many; beyond, one after another.",
     "max_depth": "Nesting depth of forks run in parallel; deeper blocks run their Paths one after another.",
-    "max_branches_per_request": "Branches decoding beside their siblings per client request (its n children together); beyond, Paths run one after another.",
+    "max_branches_per_request": "Branches decoding beside their siblings per client request (its n children "
+    "together); beyond, Paths run one after another.",
     "parallel": "Paths as parallel branches (--no-multiverse-parallel: one after another, a baseline).",
     "sequential": "No branches: Paths one after another in one sequence, masked (same tokens).",
     "max_outlines": "Outlines per Goal beyond which a block is treated as plain text.",
@@ -41,20 +46,25 @@ def _fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(MultiverseConfig) if f.name not in _INTERNAL]
 
 
-def add_cli_args(parser):
-    group = parser.add_argument_group(
-        "Multiverse", "vllm-multiverse plugin options (additional_config['multiverse'])."
+def add_cli_args(parser: FlexibleArgumentParser) -> FlexibleArgumentParser:
+    group = parser.add_argument_group("Multiverse", "vllm-multiverse plugin options (additional_config['multiverse']).")
+    group.add_argument(
+        "--plugin",
+        action="append",
+        choices=["multiverse"],
+        default=None,
+        help="Accepted for `vllm serve MODEL --plugin multiverse`; the plugin is loaded by "
+        "vLLM's plugin mechanism (VLLM_PLUGINS).",
     )
-    group.add_argument("--plugin", action="append", choices=["multiverse"], default=None,
-                       help="Accepted for `vllm serve MODEL --plugin multiverse`; the plugin is loaded by "
-                       "vLLM's plugin mechanism (VLLM_PLUGINS).")
     hints = typing.get_type_hints(MultiverseConfig)
     for f in _fields():
         flag = "--" + (PREFIX + f.name).replace("_", "-")
         kind = hints[f.name]
         args = typing.get_args(kind)
         if kind is bool or bool in args:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=_HELP[f.name])
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=_HELP[f.name]
+            )
         elif kind is int:
             group.add_argument(flag, type=int, default=argparse.SUPPRESS, help=f"{_HELP[f.name]} Default: {f.default}.")
         else:
@@ -67,13 +77,16 @@ def add_cli_args(parser):
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The --multiverse-* options the user set."""
     return {
-        f.name: getattr(args, PREFIX + f.name)
-        for f in _fields()
-        if getattr(args, PREFIX + f.name, None) is not None
+        f.name: getattr(args, PREFIX + f.name) for f in _fields() if getattr(args, PREFIX + f.name, None) is not None
     }
 
 
-def merge_into(additional_config: dict | None, options: dict[str, Any]) -> dict:
-    cfg = dict(additional_config or {})
-    cfg[ADDITIONAL_CONFIG_KEY] = {**cfg.get(ADDITIONAL_CONFIG_KEY, {}), **options}
-    return cfg
+def with_options(engine_args: EngineArgs, args: argparse.Namespace) -> EngineArgs:
+    """``EngineArgs.from_cli_args`` (patches.py): the --multiverse-* options
+    into ``additional_config["multiverse"]``, beside what it already holds."""
+    options = options_from_args(args)
+    if options:
+        cfg = dict(engine_args.additional_config or {})
+        cfg[ADDITIONAL_CONFIG_KEY] = {**cfg.get(ADDITIONAL_CONFIG_KEY, {}), **options}
+        engine_args.additional_config = cfg
+    return engine_args

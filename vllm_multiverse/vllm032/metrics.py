@@ -3,14 +3,11 @@
 The scheduler counts forks, merges, Paths per fork, fallbacks and tokens
 decoded in parallel in the engine-core process; Prometheus is served by the
 API server. vLLM 0.32.0 carries only ``SchedulerStats`` from one to the
-other and has no field for a plugin's own figures, so the scheduler's
-running totals ride in ``SchedulerStats.waiting_lora_adapters`` (a
-``dict[str, int]`` that vLLM reads only when LoRA is on, and then only its
-keys) under keys no adapter can have. :class:`MultiverseStatLogger`, loaded
-by vLLM from the ``vllm.stat_logger_plugins`` entry point and called before
-vLLM's own loggers, takes them out again and exports them. This module is
-the only place that knows the carrier; a vLLM that grows a field for it
-changes only :func:`attach` and :func:`take`.
+other and has no field for a plugin's own figures: the scheduler's running
+totals ride on it (``patches.attach_totals``, patch 10), and
+:class:`MultiverseStatLogger`, loaded by vLLM from the
+``vllm.stat_logger_plugins`` entry point and called before vLLM's own
+loggers, takes them off again (``patches.take_totals``) and exports them.
 
 Totals, not deltas, travel: a step whose stats are not delivered loses
 nothing, and the logger increments by the difference.
@@ -19,28 +16,20 @@ nothing, and the logger increments by the difference.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
-from vllm.v1.metrics.stats import SchedulerStats
 
-from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY
+from vllm_multiverse.config import turned_on
+from vllm_multiverse.vllm032.patches import take_totals
 
-_PREFIX = "vllm-multiverse/"  # a LoRA adapter name never holds a slash here
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, SchedulerStats
+
 PATHS_PREFIX = "paths_per_fork/"
 PATHS_BUCKETS = (2, 3, 4, 5, 6, 8, 12, 16, 32, 64)
-
-
-def attach(stats: SchedulerStats, totals: Mapping[str, int]) -> None:
-    """Engine core: put the scheduler's running totals on ``stats``."""
-    stats.waiting_lora_adapters.update({_PREFIX + k: int(v) for k, v in totals.items()})
-
-
-def take(stats: SchedulerStats) -> dict[str, int]:
-    """API server: remove the totals from ``stats`` (before vLLM's loggers see them)."""
-    carrier = stats.waiting_lora_adapters
-    keys = [k for k in carrier if k.startswith(_PREFIX)]
-    return {k[len(_PREFIX) :]: carrier.pop(k) for k in keys}
 
 
 def scheduler_totals(stats: Mapping[str, int], paths_per_fork: Mapping[int, int]) -> dict[str, int]:
@@ -49,7 +38,7 @@ def scheduler_totals(stats: Mapping[str, int], paths_per_fork: Mapping[int, int]
     return totals
 
 
-def _metric_classes():
+def _metric_classes() -> tuple[type, type]:
     """prometheus_client's Counter and Histogram, or inside a Ray process
     (a Ray Serve replica) vLLM's wrappers of Ray's metrics with the same API,
     which Ray exports (``ray start --metrics-export-port``) as
@@ -71,11 +60,10 @@ class MultiverseStatLogger(AggregateStatLoggerBase):
     after this one, unregisters every ``vllm:*`` collector it finds.
     """
 
-    def __init__(self, vllm_config, engine_indexes: list[int] | None = None):
+    def __init__(self, vllm_config: VllmConfig, engine_indexes: list[int] | None = None) -> None:
         self.engine_indexes = engine_indexes or [0]
         # configure_engine marks an engine it turned on; others export nothing.
-        raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
-        self.enabled = raw.get("enabled") is True
+        self.enabled = turned_on(vllm_config)
         self._last: dict[int, dict[str, int]] = {}
         if not self.enabled:
             return
@@ -106,10 +94,16 @@ class MultiverseStatLogger(AggregateStatLoggerBase):
             for reason in ("caps", "kv_cache"):
                 self.fallbacks.labels(*engine, reason)
 
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+    def record(
+        self,
+        scheduler_stats: SchedulerStats | None,
+        iteration_stats: IterationStats | None,
+        mm_cache_stats: MultiModalCacheStats | None = None,
+        engine_idx: int = 0,
+    ) -> None:
         if scheduler_stats is None:
             return
-        totals = take(scheduler_stats)
+        totals = take_totals(scheduler_stats)
         if not totals or not self.enabled:
             return
         last = self._last.get(engine_idx, {})

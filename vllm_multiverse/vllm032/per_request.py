@@ -12,18 +12,23 @@ are per client request).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY
+from vllm_multiverse.config import turned_on
+
+if TYPE_CHECKING:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.request import Request
 
 CLIENT_ARG = "multiverse_client"  # SamplingParams.extra_args: the client request
 
-
-def _ours(vllm_config) -> bool:
-    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
-    return raw.get("enabled") is True
+WAY_OUT = "Send it to an engine started with --no-multiverse-enabled."
 
 
-def refusal(params, resumable: bool) -> str | None:
+def refusal(params: SamplingParams | None, resumable: bool) -> str | None:
     """Why a request cannot be served exactly by a Multiverse engine, or None."""
     if resumable:
         return "streaming-input (resumable) requests: a Path cannot take new input while it decodes."
@@ -54,43 +59,36 @@ def refusal(params, resumable: bool) -> str | None:
     return None
 
 
-def install() -> None:
+def process_inputs(
+    original: Callable[..., Request],
+    self: InputProcessor,
+    request_id: str,
+    prompt: Any,
+    params: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> Request:
+    """``InputProcessor.process_inputs`` (patches.py): the request as vLLM
+    builds it, refused with a 400 where it cannot be served exactly."""
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
-    from vllm.v1.engine.input_processor import InputProcessor
 
-    original = InputProcessor.process_inputs
-    if getattr(original, "_multiverse", False):
-        return
-
-    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        request = original(self, request_id, prompt, params, *args, **kwargs)
-        sp = request.sampling_params
-        if not isinstance(sp, SamplingParams) or not _ours(self.vllm_config):
-            return request
-        why = refusal(sp, bool(request.resumable))
-        if why is not None:
-            raise VLLMValidationError(
-                f"This Multiverse engine does not support {why} Send it to an engine started with "
-                "--no-multiverse-enabled."
-            )
-        sp.extra_args = {**(sp.extra_args or {}), CLIENT_ARG: uuid.uuid4().hex}
+    request = original(self, request_id, prompt, params, *args, **kwargs)
+    sp = request.sampling_params
+    if not isinstance(sp, SamplingParams) or not turned_on(self.vllm_config):
         return request
+    why = refusal(sp, bool(request.resumable))
+    if why is not None:
+        raise VLLMValidationError(f"This Multiverse engine does not support {why} {WAY_OUT}")
+    sp.extra_args = {**(sp.extra_args or {}), CLIENT_ARG: uuid.uuid4().hex}
+    return request
 
-    process_inputs._multiverse = True
-    InputProcessor.process_inputs = process_inputs
 
-    from vllm.v1.engine.async_llm import AsyncLLM
+async def add_streaming_input_request(original: Callable[..., Any], self: AsyncLLM, *args: Any, **kwargs: Any) -> Any:
+    """``AsyncLLM._add_streaming_input_request`` (patches.py): refused before
+    the input stream is read, not inside its task."""
+    from vllm.exceptions import VLLMValidationError
 
-    add_streaming = AsyncLLM._add_streaming_input_request
-
-    async def _add_streaming_input_request(self, *args, **kwargs):
-        # Refused before the input stream is read, not inside its task.
-        if _ours(self.vllm_config):
-            raise VLLMValidationError(
-                f"This Multiverse engine does not support {refusal(None, True)} Send it to an "
-                "engine started with --no-multiverse-enabled."
-            )
-        return await add_streaming(self, *args, **kwargs)
-
-    AsyncLLM._add_streaming_input_request = _add_streaming_input_request
+    if turned_on(self.vllm_config):
+        raise VLLMValidationError(f"This Multiverse engine does not support {refusal(None, True)} {WAY_OUT}")
+    return await original(self, *args, **kwargs)

@@ -3,12 +3,14 @@ code on CPU (whose runner is its subclass) and on CUDA: the step's written
 tokens, the merge's KV copies, Multiverse positions for the scheduled
 tokens, the masked rows handed to the attention backend, and no full CUDA
 graph for a step that has them. Everything comes from the step's
-:class:`~vllm_multiverse.tree.MultiverseStep` (``SchedulerOutput.multiverse``).
+:class:`~vllm_multiverse.tree.MultiverseStep` (``patches.received_step``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,37 +19,16 @@ from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
 from vllm_multiverse.kernels.masked_attention import MaskedBatch
 from vllm_multiverse.kernels.packed_mask import MaskedRow
+from vllm_multiverse.structure import Rect
 from vllm_multiverse.tree import MultiverseStep
+from vllm_multiverse.vllm032 import patches, validate
+
+if TYPE_CHECKING:
+    from vllm.forward_context import BatchDescriptor
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.worker.block_table import BlockTable
 
 _EMPTY = MultiverseStep()
-
-
-def check_attention_layers(vllm_config) -> None:
-    """What start-up could only guess from the model's config, read off the
-    built attention layers: a backend the plugin extends (one that
-    recomputes masked rows), and nothing the masked path lacks."""
-    from vllm.config import get_layers_from_vllm_config
-    from vllm.model_executor.layers.attention import Attention
-
-    from vllm_multiverse.vllm032.attention import MaskedRowsImpl
-    from vllm_multiverse.vllm032.validate import refuse
-
-    for name, layer in get_layers_from_vllm_config(vllm_config, Attention).items():
-        impl = layer.impl
-        if not isinstance(impl, MaskedRowsImpl):
-            refuse(
-                f"the attention backend {type(impl).__name__}",
-                f"layer {name} uses it; the masked rows are recomputed for vLLM's CPU_ATTN, FLASH_ATTN, "
-                "FLASHINFER and TRITON_ATTN backends (pick one with --attention-backend).",
-            )
-        if getattr(impl, "alibi_slopes", None) is not None:
-            refuse("ALiBi attention", f"layer {name} uses it.")
-        if getattr(impl, "sinks", None) is not None:
-            refuse("attention sinks", f"layer {name} uses them.")
-        if getattr(impl, "logits_soft_cap", None):
-            refuse("attention logit soft-capping", f"layer {name} uses it.")
-        if getattr(impl, "sliding_window", None) not in (None, -1, (-1, -1)):
-            refuse("sliding-window attention", f"layer {name} uses it.")
 
 
 class MultiverseCudagraphDispatcher(CudagraphDispatcher):
@@ -57,7 +38,13 @@ class MultiverseCudagraphDispatcher(CudagraphDispatcher):
 
     masked_step = False
 
-    def dispatch(self, *args, valid_modes=None, invalid_modes=None, **kwargs):
+    def dispatch(
+        self,
+        *args: Any,
+        valid_modes: AbstractSet[CUDAGraphMode] | None = None,
+        invalid_modes: AbstractSet[CUDAGraphMode] | None = None,
+        **kwargs: Any,
+    ) -> tuple[CUDAGraphMode, BatchDescriptor]:
         if self.masked_step and (valid_modes is None or set(valid_modes) - {CUDAGraphMode.FULL}):
             invalid_modes = set(invalid_modes or ()) | {CUDAGraphMode.FULL}
         return super().dispatch(*args, valid_modes=valid_modes, invalid_modes=invalid_modes, **kwargs)
@@ -89,7 +76,7 @@ class KernelBlockIds(Sequence):
     when a route asks for them (the CPU kernel takes vLLM's table and never
     does)."""
 
-    def __init__(self, table, where: list[tuple[int, int]], kernel_block: int) -> None:
+    def __init__(self, table: BlockTable, where: list[tuple[int, int]], kernel_block: int) -> None:
         self.table, self.where, self.kernel_block = table, where, kernel_block
         self._rows: dict[int, np.ndarray] = {}
 
@@ -115,18 +102,18 @@ class MultiverseRunnerMixin:
     # capture) have none.
     _mv_step = _EMPTY
 
-    def load_model(self, *args, **kwargs):
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
         self._multiverse_after_load()
 
     def _multiverse_after_load(self) -> None:
         """What the model's built attention layers decide (``load_model``,
         after vLLM's own)."""
-        check_attention_layers(self.vllm_config)
-        self.cudagraph_dispatcher.__class__ = MultiverseCudagraphDispatcher
+        validate.check_attention_layers(self.vllm_config)
+        patches.use_dispatcher_class(self, MultiverseCudagraphDispatcher)
 
-    def _update_states(self, scheduler_output):
-        step: MultiverseStep | None = getattr(scheduler_output, "multiverse", None)
+    def _update_states(self, scheduler_output: SchedulerOutput) -> Callable | None:
+        step = patches.received_step(scheduler_output)
         if step is None:
             # Without its step data a step would decode with token-index
             # positions and without the merge's copies: wrong tokens, silently.
@@ -167,7 +154,7 @@ class MultiverseRunnerMixin:
         self._mv_step = step
         return ret
 
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray) -> Any:
         ret = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         if not self._mv_step.positions:
             return ret
@@ -188,7 +175,7 @@ class MultiverseRunnerMixin:
             self.positions[: len(delta)] -= d
         return ret
 
-    def _masked_batch(self, masks) -> MaskedBatch:
+    def _masked_batch(self, masks: Mapping[str, list[Rect]]) -> MaskedBatch:
         """Every request of the step (the whole-step routes compute them
         all), the ones in ``masks`` marked masked."""
         qsl = self.query_start_loc.np
@@ -206,7 +193,7 @@ class MultiverseRunnerMixin:
         kernel_block = self._kernel_block_sizes[0]
         return MaskedBatch(rows, offsets, KernelBlockIds(table, where, kernel_block), kernel_block, masked)
 
-    def _build_attention_metadata(self, *args, **kwargs):
+    def _build_attention_metadata(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)
         masks = self._mv_step.masks
         self._mv_step = _EMPTY
@@ -214,5 +201,5 @@ class MultiverseRunnerMixin:
             batch = self._masked_batch(masks)
             # One metadata object serves every layer of a KV cache group.
             for md in {id(m): m for m in attn_metadata.values()}.values():
-                md.multiverse_masks = batch
+                patches.attach_masked_batch(md, batch)
         return attn_metadata, spec

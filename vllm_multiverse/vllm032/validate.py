@@ -1,15 +1,27 @@
-"""What a Multiverse engine refuses at start-up, in the process the user
-started (``vllm serve``, ``LLM``), before any worker exists.
+"""Everything a Multiverse engine refuses at start-up, each refusal naming
+the feature and the way out. Most run in the process the user started
+(``vllm serve``, ``LLM``) before any worker exists (:func:`validate`); what
+only the built engine shows is checked where it is built: the KV cache
+layout (the scheduler), the attention layers and FlashInfer (the worker,
+once the model is loaded).
 
-Each refusal names the feature and the way out. The list is what the
-fork/merge engine does not handle exactly; everything else vLLM does is
-either exact (TP, DP, LoRA, chunked prefill, prefix caching, preemption) or
-refused per request (``per_request.py``).
+The list is what the fork/merge engine does not handle exactly; everything
+else vLLM does is either exact (TP, DP, LoRA, chunked prefill, prefix
+caching, preemption) or refused per request (``per_request.py``).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from vllm.config import ModelConfig, VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import KVCacheConfig
 
 WAY_OUT = "To serve this model without Multiverse decoding, pass --no-multiverse-enabled."
 
@@ -30,7 +42,7 @@ def refuse(feature: str, detail: str) -> None:
     raise MultiverseConfigError(feature, detail)
 
 
-def validate(vllm_config, engine_args=None, runner_chosen: bool = True) -> None:
+def validate(vllm_config: VllmConfig, engine_args: EngineArgs | None = None, runner_chosen: bool = True) -> None:
     """Raise :class:`MultiverseConfigError` for the first setting the engine
     does not handle; ``engine_args`` tells what the user asked for. Before
     the model runner is chosen (``runner_chosen=False``), the engine and
@@ -52,7 +64,7 @@ def validate(vllm_config, engine_args=None, runner_chosen: bool = True) -> None:
         )
 
 
-def _check_engine(vllm_config, engine_args) -> None:
+def _check_engine(vllm_config: VllmConfig, engine_args: EngineArgs | None) -> None:
     if vllm_config.speculative_config is not None:
         refuse("speculative decoding", "a fork is decided on every sampled token, one token per step.")
     if vllm_config.kv_transfer_config is not None:
@@ -112,7 +124,7 @@ def _check_engine(vllm_config, engine_args) -> None:
         refuse(f"--kv-cache-dtype {cache.cache_dtype}", "the merge copies KV entries in the model's dtype only.")
 
 
-def _unaware_logits_processors(processors) -> list[str]:
+def _unaware_logits_processors(processors: Collection[Any] | None) -> list[str]:
     """The processors, of types or "module:Class" names, that do not declare
     themselves Multiverse-aware; resolved the way vLLM loads them."""
     if not processors:
@@ -123,7 +135,7 @@ def _unaware_logits_processors(processors) -> list[str]:
     return [c.__qualname__ for c in classes if getattr(c, "multiverse_aware", False) is not True]
 
 
-def _check_model(model_config) -> None:
+def _check_model(model_config: ModelConfig) -> None:
     if model_config.runner_type != "generate":
         refuse(f"--runner {model_config.runner_type}", "Multiverse decoding is for text generation.")
     if model_config.enable_prompt_embeds:
@@ -157,12 +169,14 @@ def _check_model(model_config) -> None:
         refuse("attention sinks", "the masked attention path has no sinks.")
 
 
-def _check_cpu(vllm_config) -> None:
+def _check_cpu(vllm_config: VllmConfig) -> None:
     _check_attention_backend(vllm_config, ("CPU_ATTN",))
     model_config = vllm_config.model_config
     cache = vllm_config.cache_config
     if vllm_config.use_v2_model_runner:
-        refuse("Model Runner V2 on CPU", "the runner hooks are written for the V1 runner; unset VLLM_USE_V2_MODEL_RUNNER.")
+        refuse(
+            "Model Runner V2 on CPU", "the runner hooks are written for the V1 runner; unset VLLM_USE_V2_MODEL_RUNNER."
+        )
     dtype = model_config.dtype
     if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         refuse("bfloat16 on this CPU", "it has no bf16 support (vLLM's CPU worker dies on it); pass --dtype float32.")
@@ -184,7 +198,7 @@ def _check_cpu(vllm_config) -> None:
         )
 
 
-def _check_cuda(vllm_config) -> None:
+def _check_cuda(vllm_config: VllmConfig) -> None:
     from vllm_multiverse.vllm032.attention import CUDA_BACKENDS
 
     dtype = vllm_config.model_config.dtype
@@ -199,10 +213,95 @@ def _check_cuda(vllm_config) -> None:
     _check_attention_backend(vllm_config, CUDA_BACKENDS)
 
 
-def _check_attention_backend(vllm_config, supported: tuple[str, ...]) -> None:
+def _check_attention_backend(vllm_config: VllmConfig, supported: tuple[str, ...]) -> None:
     backend = getattr(vllm_config.attention_config, "backend", None)
     if backend is not None and backend.name not in supported:
         refuse(
             f"the attention backend {backend.name} (--attention-backend)",
             f"the masked rows are recomputed for {', '.join(supported)} only here.",
         )
+
+
+def check_runner_env(name: str) -> None:
+    """Model Runner V2 forced by the user on CUDA."""
+    if os.environ.get(name, "").strip().lower() in ("1", "true"):
+        refuse(f"Model Runner V2 ({name}=1)", "the runner hooks are written for the V1 runner; unset it.")
+
+
+def check_classes(scheduler_cls: Any, worker_cls: str, ours: str, workers: Collection[str]) -> None:
+    """A scheduler or worker the user chose in place of the plugin's."""
+    if scheduler_cls not in (None, ours):
+        refuse(f"--scheduler-cls {scheduler_cls}", "Multiverse decoding needs its own scheduler.")
+    if worker_cls not in workers:
+        refuse(f"--worker-cls {worker_cls}", "Multiverse decoding needs its own worker.")
+
+
+def check_masked_route(requested: str, platform: str, flashinfer_installed: bool) -> None:
+    """``--multiverse-masked-attention`` that cannot be had here."""
+    if requested != "flashinfer":
+        return
+    if platform == "cpu":
+        refuse("--multiverse-masked-attention flashinfer on CPU", "FlashInfer is a CUDA library.")
+    if not flashinfer_installed:
+        refuse(
+            "--multiverse-masked-attention flashinfer", 'flashinfer-python is not installed (pip install -e ".[cuda]").'
+        )
+
+
+def check_flashinfer_built(why: str) -> None:
+    """FlashInfer asked for by name, and its masked prefill did not build or
+    run while the model loaded (the worker)."""
+    refuse(
+        "--multiverse-masked-attention flashinfer",
+        f"FlashInfer's masked prefill did not build or run here ({why}); pass --multiverse-masked-attention sdpa.",
+    )
+
+
+def check_history_override(name: str, value: Any, overrides: dict[str, Any]) -> None:
+    """A penalty the user set with --override-generation-config."""
+    if name in overrides:
+        refuse(
+            f"--override-generation-config {name}={value}",
+            "it depends on the earlier output tokens, which a Path decoded in parallel does not have.",
+        )
+
+
+def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
+    """What vLLM built: one full-attention KV cache group (the scheduler)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if type(spec) is not FullAttentionSpec or getattr(spec, "sliding_window", None):
+        refuse(
+            "this KV cache layout",
+            f"the merge splices one full-attention KV cache group; vLLM built "
+            f"{[type(g.kv_cache_spec).__name__ for g in groups]}.",
+        )
+
+
+def check_attention_layers(vllm_config: VllmConfig) -> None:
+    """What start-up could only guess from the model's config, read off the
+    built attention layers (the worker, once the model is loaded): a backend
+    the plugin extends, and nothing the masked routes lack."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    from vllm_multiverse.vllm032.attention import MaskedRowsImpl
+
+    for name, layer in get_layers_from_vllm_config(vllm_config, Attention).items():
+        impl = layer.impl
+        if not isinstance(impl, MaskedRowsImpl):
+            refuse(
+                f"the attention backend {type(impl).__name__}",
+                f"layer {name} uses it; the masked rows are computed for vLLM's CPU_ATTN, FLASH_ATTN, "
+                "FLASHINFER and TRITON_ATTN backends (pick one with --attention-backend).",
+            )
+        if getattr(impl, "alibi_slopes", None) is not None:
+            refuse("ALiBi attention", f"layer {name} uses it.")
+        if getattr(impl, "sinks", None) is not None:
+            refuse("attention sinks", f"layer {name} uses them.")
+        if getattr(impl, "logits_soft_cap", None):
+            refuse("attention logit soft-capping", f"layer {name} uses it.")
+        if getattr(impl, "sliding_window", None) not in (None, -1, (-1, -1)):
+            refuse("sliding-window attention", f"layer {name} uses it.")

@@ -1,25 +1,36 @@
 """Which engines run Multiverse decoding, and the vLLM settings that means.
 
-:func:`install` runs in every process vLLM starts (the general plugin's
-``register``): it wraps ``EngineArgs.create_engine_config`` so that an
-engine for a Multiverse model gets the Multiverse scheduler and worker
-after :mod:`.validate` has refused what it cannot serve, and adds the
-``--multiverse-*`` options and the per-request refusals. The worker points
-vLLM's attention backends at the masked-rows subclasses (:mod:`.attention`)
-in its own process. Every other engine is left exactly as vLLM builds it.
+:func:`create_engine_config` is vLLM's ``EngineArgs.create_engine_config``
+with the plugin around it (``patches.py``), in every process that builds an
+engine config: an engine for a Multiverse model gets the Multiverse scheduler
+and worker once :mod:`.validate` has refused what it cannot serve. The worker
+points vLLM's attention backends at the masked-rows subclasses
+(:mod:`.attention`) in its own process. Every other engine is left exactly as
+vLLM builds it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
+from vllm_multiverse.model_config import (
+    ModelDeclaration,
+    PartialTags,
+    derive_declaration,
+    describe,
+    read_model_declaration,
+)
+from vllm_multiverse.vllm032 import check_ray_serve, check_vllm_version, patches, validate
 from vllm_multiverse.vllm032.log import init_logger
-from vllm_multiverse.model_config import PartialTags, derive_declaration, describe, read_multiverse_config
-from vllm_multiverse.vllm032 import check_ray_serve, check_vllm_version
-from vllm_multiverse.vllm032.validate import refuse, validate
+
+if TYPE_CHECKING:
+    from vllm.config import ModelConfig, VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
 
 logger = init_logger(__name__)
 
@@ -30,86 +41,106 @@ WORKERS = {
     "cuda": ("vllm.v1.worker.gpu_worker.Worker", "vllm_multiverse.vllm032.cuda.worker.MultiverseGPUWorker"),
 }
 V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+# Whether this process set V2_ENV for a Multiverse engine (the user had not).
+_set_v1_env = False
 
 
 def platform_name() -> str:
     from vllm.platforms import current_platform
 
-    return "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else current_platform.device_name
+    return (
+        "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else current_platform.device_name
+    )
 
 
-def masked_route(requested: str, platform: str, flashinfer_installed: bool) -> str:
-    """How this engine recomputes masked rows (``MultiverseConfig.masked_attention``)."""
-    if platform == "cpu":
-        if requested == "flashinfer":
-            refuse("--multiverse-masked-attention flashinfer on CPU", "FlashInfer is a CUDA library.")
-        return "sdpa"
-    if requested == "auto":
-        return "flashinfer" if flashinfer_installed else "sdpa"
-    if requested == "flashinfer" and not flashinfer_installed:
-        refuse("--multiverse-masked-attention flashinfer", "flashinfer-python is not installed (pip install -e \".[cuda]\").")
-    return requested
+def create_engine_config(
+    original: Callable[..., VllmConfig], self: EngineArgs, *args: Any, **kwargs: Any
+) -> VllmConfig:
+    """``EngineArgs.create_engine_config`` (patches.py)."""
+    _forget_v1_runner()
+    config = original(self, *args, **kwargs)
+    if wants_v1_runner(config):
+        # Refused with the reason and the way out before vLLM's V1 runner
+        # refuses what it lacks (prefill context parallelism) in its words.
+        validate.validate(config, self, runner_chosen=False)
+        _choose_v1_runner()
+        config = original(self, *args, **kwargs)
+    configure_engine(config, self)
+    return config
 
 
-def multiverse_declaration(vllm_config, cfg: MultiverseConfig):
+def multiverse_declaration(vllm_config: VllmConfig, cfg: MultiverseConfig) -> ModelDeclaration | None:
     """The model's Multiverse declaration, or None for a model served as
     stock vLLM would."""
     if cfg.enabled is False:
         return None
     model_config = vllm_config.model_config
-    info = read_multiverse_config(model_config.hf_config) or _derive(model_config, cfg.enabled)
-    if info is None and cfg.enabled:
+    found = read_model_declaration(model_config.hf_config) or _derive(model_config, cfg.enabled)
+    if found is None and cfg.enabled:
         raise ValueError(
             f"Multiverse decoding was asked for, but {model_config.model} is not a Multiverse model: no "
             "config.json['multiverse'] entry and no Multiverse tags in its tokenizer"
         )
-    return info
+    return found
 
 
-def wants_v1_runner(vllm_config) -> bool:
+def wants_v1_runner(vllm_config: VllmConfig) -> bool:
     """A Multiverse engine on CUDA whose config chose Model Runner V2 by
     default: it is built again with the V1 runner (cuda/worker.py says why)."""
     if platform_name() != "cuda" or not vllm_config.use_v2_model_runner:
         return False
-    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    if multiverse_declaration(vllm_config, MultiverseConfig.from_dict(raw)) is None:
+    if multiverse_declaration(vllm_config, MultiverseConfig.of(vllm_config)) is None:
         return False
-    if os.environ.get(V2_ENV, "").strip().lower() in ("1", "true"):
-        refuse(f"Model Runner V2 ({V2_ENV}=1)", "the runner hooks are written for the V1 runner; unset it.")
+    validate.check_runner_env(V2_ENV)
     return True
 
 
-def configure_engine(vllm_config, engine_args=None) -> bool:
+def _choose_v1_runner() -> None:
+    """The runner choice shapes the whole config (CUDA graphs, scheduling),
+    so it is made before vLLM builds the config again, and in the
+    environment the engine's processes inherit."""
+    global _set_v1_env
+    if V2_ENV not in os.environ:
+        os.environ[V2_ENV] = "0"
+        _set_v1_env = True
+    logger.info("Multiverse: the V1 model runner on CUDA (%s=0; docs/attention.md says why)", V2_ENV)
+
+
+def _forget_v1_runner() -> None:
+    """A later engine of this process decides afresh: the earlier one's
+    processes have inherited the switch already, and a stock engine must not."""
+    global _set_v1_env
+    if _set_v1_env:
+        os.environ.pop(V2_ENV, None)
+        _set_v1_env = False
+
+
+def configure_engine(vllm_config: VllmConfig, engine_args: EngineArgs | None = None) -> bool:
     """Turn Multiverse decoding on for this engine if it should be; True if
     on. ``engine_args``: what the user asked for, where known."""
-    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    cfg = MultiverseConfig.from_dict(raw)
+    cfg = MultiverseConfig.of(vllm_config)
     if multiverse_declaration(vllm_config, cfg) is None:
         return False
     model_config = vllm_config.model_config
-    model = model_config.model
     check_vllm_version()
     check_ray_serve()
-    validate(vllm_config, engine_args)
+    validate.validate(vllm_config, engine_args)
     _drop_history_defaults(model_config)
-    sched = vllm_config.scheduler_config
-    if sched.scheduler_cls not in (None, SCHEDULER_CLS):
-        refuse(f"--scheduler-cls {sched.scheduler_cls}", "Multiverse decoding needs its own scheduler.")
-    par = vllm_config.parallel_config
     platform = platform_name()
-    if par.worker_cls not in ("auto", *WORKERS[platform]):
-        refuse(f"--worker-cls {par.worker_cls}", "Multiverse decoding needs its own worker.")
+    sched, par = vllm_config.scheduler_config, vllm_config.parallel_config
+    validate.check_classes(sched.scheduler_cls, par.worker_cls, SCHEDULER_CLS, ("auto", *WORKERS[platform]))
     sched.scheduler_cls = SCHEDULER_CLS
     par.worker_cls = WORKERS[platform][1]
-    # Refused here if it cannot be had at all; the worker settles the route
-    # when FlashInfer's module is built or loaded (cuda/worker.py).
-    route = masked_route(cfg.masked_attention, platform, importlib.util.find_spec("flashinfer") is not None)
+    flashinfer = importlib.util.find_spec("flashinfer") is not None
+    validate.check_masked_route(cfg.masked_attention, platform, flashinfer)
     if platform == "cuda":
+        # The worker settles the route when FlashInfer's module is built or
+        # loaded (cuda/worker.py).
         logger.info(
             "Multiverse: V1 model runner; steps with masked rows (prompts holding Parallel blocks, recompute "
             "after preemption, sequential decoding) through %s, without full CUDA graphs",
             "FlashInfer's masked paged prefill, built or loaded while the model loads (SDPA where it cannot be)"
-            if route == "flashinfer"
+            if cfg.masked_attention != "sdpa" and flashinfer
             else "SDPA over the gathered KV",
         )
     if sched.async_scheduling:
@@ -125,14 +156,14 @@ def configure_engine(vllm_config, engine_args=None) -> bool:
             "vLLM's prefix-cache machinery stays on (branches share their parent's KV blocks through it)"
         )
     # enabled=True marks the engine as on for the API server's stat logger
-    # and the per-request checks.
+    # and the per-request checks (config.turned_on).
     cfg = replace(cfg, enabled=True)
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg.to_dict()}
-    logger.info("Multiverse decoding on for %s (%s)", model, cfg)
+    logger.info("Multiverse decoding on for %s (%s)", model_config.model, cfg)
     return True
 
 
-def _derive(model_config, asked: bool | None):
+def _derive(model_config: ModelConfig, asked: bool | None) -> ModelDeclaration | None:
     """The declaration of a checkpoint that has none, from its tokenizer
     (stored on the HF config, where a config.json entry would be)."""
     from transformers import AutoTokenizer
@@ -157,21 +188,21 @@ def _derive(model_config, asked: bool | None):
         return None
     if entry is None:
         return None
-    model_config.hf_config.multiverse = entry
+    patches.store_declaration(model_config.hf_config, entry)
     logger.info(
         "Multiverse: %s declares nothing; derived from its tokenizer: %s (`vllm-multiverse declare` prints "
         "it, --write stores it; --multiverse-positions changes the convention)",
         model_config.model,
         describe(entry),
     )
-    return read_multiverse_config(model_config.hf_config)
+    return read_model_declaration(model_config.hf_config)
 
 
 # Sampling defaults that depend on earlier output tokens (per_request.py).
 _HISTORY_DEFAULTS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
-def _drop_history_defaults(model_config) -> None:
+def _drop_history_defaults(model_config: ModelConfig) -> None:
     """A checkpoint's generation_config.json may ask for penalties (Qwen2.5's
     does): they are not applied by default, as the authors' engine did not,
     rather than every request being refused."""
@@ -180,9 +211,7 @@ def _drop_history_defaults(model_config) -> None:
         value = defaults.get(name)
         if value is None or value == neutral:
             continue
-        if name in model_config.override_generation_config:
-            refuse(f"--override-generation-config {name}={value}", "it depends on the earlier output tokens, "
-                   "which a Path decoded in parallel does not have.")
+        validate.check_history_override(name, value, model_config.override_generation_config)
         model_config.override_generation_config[name] = neutral
         logger.info(
             "Multiverse: the model's generation config sets %s=%s; not applied by default (it depends on the "
@@ -190,72 +219,3 @@ def _drop_history_defaults(model_config) -> None:
             name,
             value,
         )
-
-
-# Whether this process set V2_ENV for a Multiverse engine (the user had not).
-_set_v1_env = False
-
-
-def _choose_v1_runner() -> None:
-    """The runner choice shapes the whole config (CUDA graphs, scheduling),
-    so it is made before vLLM builds the config again, and in the
-    environment the engine's processes inherit."""
-    global _set_v1_env
-    if V2_ENV not in os.environ:
-        os.environ[V2_ENV] = "0"
-        _set_v1_env = True
-    logger.info("Multiverse: the V1 model runner on CUDA (%s=0; docs/attention.md says why)", V2_ENV)
-
-
-def _forget_v1_runner() -> None:
-    """A later engine of this process decides afresh: the earlier one's
-    processes have inherited the switch already, and a stock engine must not."""
-    global _set_v1_env
-    if _set_v1_env:
-        os.environ.pop(V2_ENV, None)
-        _set_v1_env = False
-
-
-def install() -> None:
-    from vllm.engine.arg_utils import EngineArgs
-
-    from vllm_multiverse.vllm032 import per_request
-
-    original = EngineArgs.create_engine_config
-
-    def create_engine_config(self, *args, **kwargs):
-        _forget_v1_runner()
-        config = original(self, *args, **kwargs)
-        if wants_v1_runner(config):
-            # Refused with the reason and the way out before vLLM's V1 runner
-            # refuses what it lacks (prefill context parallelism) in its words.
-            validate(config, self, runner_chosen=False)
-            _choose_v1_runner()
-            config = original(self, *args, **kwargs)
-        configure_engine(config, self)
-        return config
-
-    EngineArgs.create_engine_config = create_engine_config
-    _add_cli_options(EngineArgs)
-    per_request.install()
-
-
-def _add_cli_options(EngineArgs) -> None:
-    """``--plugin multiverse`` and ``--multiverse-*`` on vLLM's parsers."""
-    from vllm_multiverse.vllm032 import cli
-
-    add_cli_args = EngineArgs.add_cli_args
-    from_cli_args = EngineArgs.from_cli_args.__func__
-
-    def add_cli_args_with_multiverse(parser, *args, **kwargs):
-        return cli.add_cli_args(add_cli_args(parser, *args, **kwargs))
-
-    def from_cli_args_with_multiverse(cls, args):
-        engine_args = from_cli_args(cls, args)
-        options = cli.options_from_args(args)
-        if options:
-            engine_args.additional_config = cli.merge_into(engine_args.additional_config, options)
-        return engine_args
-
-    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_multiverse)
-    EngineArgs.from_cli_args = classmethod(from_cli_args_with_multiverse)

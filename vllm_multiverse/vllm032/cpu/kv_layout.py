@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 
-def copy_token_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+def copy_vec_token_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
     """Copy the K and V of each (src_slot, dst_slot) pair, in every layer."""
     if not copies:
         return

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_multiverse.vllm032 import attention, check_vllm_version
-from vllm_multiverse.vllm032.cpu.kv_layout import copy_token_slots
+from vllm_multiverse.vllm032 import attention, check_vllm_version, patches
+from vllm_multiverse.vllm032.cpu.kv_layout import copy_vec_token_slots, gather_kv
 from vllm_multiverse.vllm032.runner import MultiverseRunnerMixin
+
+if TYPE_CHECKING:
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 
 class MultiverseCPUModelRunner(MultiverseRunnerMixin, CPUModelRunner):
-    copy_kv_slots = staticmethod(copy_token_slots)
+    copy_kv_slots = staticmethod(copy_vec_token_slots)
 
     # vLLM undoes a discarded sample's draw (a partial prefill's) by moving
     # the request's generator back by its offset, which CPU generators lack:
@@ -24,7 +30,7 @@ class MultiverseCPUModelRunner(MultiverseRunnerMixin, CPUModelRunner):
     # bookkeeping.
     _mv_set_aside: dict[int, torch.Generator] = {}
 
-    def _sample(self, logits, spec_decode_metadata):
+    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: SpecDecodeMetadata | None) -> SamplerOutput:
         gens = self.input_batch.generators
         discard = self.discard_request_mask.np[: self.input_batch.num_reqs]
         self._mv_set_aside = {i: gens.pop(i) for i in np.flatnonzero(discard).tolist() if i in gens}
@@ -34,7 +40,7 @@ class MultiverseCPUModelRunner(MultiverseRunnerMixin, CPUModelRunner):
             self._give_generators_back()
             raise
 
-    def _bookkeeping_sync(self, *args, **kwargs):
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super()._bookkeeping_sync(*args, **kwargs)
         finally:
@@ -46,12 +52,12 @@ class MultiverseCPUModelRunner(MultiverseRunnerMixin, CPUModelRunner):
 
 
 class MultiverseCPUWorker(CPUWorker):
-    def init_device(self):
+    def init_device(self) -> None:
         check_vllm_version()
         # Before the model (and its attention layers) is built.
-        attention.register(platform_is_cpu=True)
+        attention.register(platform_is_cpu=True, gather=gather_kv)
         super().init_device()
         # CPUWorker builds its runner inline (the V1 runner: start-up refused
         # V2), so the class is swapped here.
         assert type(self.model_runner) is CPUModelRunner, type(self.model_runner)
-        self.model_runner.__class__ = MultiverseCPUModelRunner
+        patches.use_runner_class(self, MultiverseCPUModelRunner)

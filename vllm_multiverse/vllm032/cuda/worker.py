@@ -18,6 +18,7 @@ docs/attention.md lists what a V2 port needs.
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.config import get_layers_from_vllm_config
@@ -25,20 +26,18 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_multiverse.config import ADDITIONAL_CONFIG_KEY, MultiverseConfig
+from vllm_multiverse.config import MultiverseConfig
 from vllm_multiverse.kernels.kv_copy import copy_token_slots
 from vllm_multiverse.kernels.masked_attention import masked_scratch_bytes, warm_up_flashinfer
-from vllm_multiverse.vllm032.log import init_logger
-from vllm_multiverse.vllm032 import attention, check_vllm_version
+from vllm_multiverse.vllm032 import attention, check_vllm_version, validate
 from vllm_multiverse.vllm032.attention import MaskedRowsImpl
+from vllm_multiverse.vllm032.log import init_logger
 from vllm_multiverse.vllm032.runner import MultiverseRunnerMixin
-from vllm_multiverse.vllm032.validate import refuse
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 logger = init_logger(__name__)
-
-
-def _requested_route(vllm_config) -> str:
-    return MultiverseConfig.from_dict(vllm_config.additional_config.get(ADDITIONAL_CONFIG_KEY)).masked_attention
 
 
 class MultiverseGPUModelRunner(MultiverseRunnerMixin, GPUModelRunner):
@@ -59,7 +58,7 @@ class MultiverseGPUModelRunner(MultiverseRunnerMixin, GPUModelRunner):
         without a toolkit the engine dies, with one tensor-parallel ranks
         stall near vLLM's step timeout). Where it cannot be, SDPA, or a
         refusal when FlashInfer was asked for by name."""
-        requested = _requested_route(self.vllm_config)
+        requested = MultiverseConfig.of(self.vllm_config).masked_attention
         if requested == "sdpa" or (requested == "auto" and importlib.util.find_spec("flashinfer") is None):
             return "sdpa"
         try:
@@ -67,8 +66,7 @@ class MultiverseGPUModelRunner(MultiverseRunnerMixin, GPUModelRunner):
         except Exception as e:  # noqa: BLE001  (whatever FlashInfer or nvcc raise: the reason is logged)
             why = f"{type(e).__name__}: {e}".splitlines()[0]
             if requested == "flashinfer":
-                refuse("--multiverse-masked-attention flashinfer", f"FlashInfer's masked prefill did not build or "
-                       f"run here ({why}); pass --multiverse-masked-attention sdpa.")
+                validate.check_flashinfer_built(why)
             logger.warning(
                 "Multiverse: FlashInfer's masked prefill did not build or run here (%s); steps with masked rows "
                 "go through SDPA over the gathered KV",
@@ -89,19 +87,19 @@ class MultiverseGPUModelRunner(MultiverseRunnerMixin, GPUModelRunner):
             self.cache_config.block_size,
         )
 
-    def profile_run(self, *args, **kwargs):
+    def profile_run(self, randomize_inputs: bool = False) -> None:
         # Held through vLLM's dummy step, so the peak vLLM sizes the KV cache
         # by counts a masked step's scratch beside the largest batch, and a
         # long masked row cannot run the GPU out of memory after start-up.
         held = torch.empty(self.masked_scratch_bytes(), dtype=torch.uint8, device=self.device)
         try:
-            return super().profile_run(*args, **kwargs)
+            return super().profile_run(randomize_inputs)
         finally:
             del held
 
 
 class MultiverseGPUWorker(Worker):
-    def __init__(self, vllm_config, *args, **kwargs):
+    def __init__(self, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
         check_vllm_version()
         # Before the model (and its attention layers) is built; the route is
         # settled once FlashInfer's module is built (load_model).
