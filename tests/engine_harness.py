@@ -45,7 +45,7 @@ def openai_client(base: str, timeout: float = 600):
     return OpenAI(base_url=base + "/v1", api_key="none", timeout=timeout)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_output(prompt: tuple[int, ...], max_tokens: int) -> tuple[list[int], str]:
     out = reference().generate(list(prompt), max_tokens=max_tokens)
     return out.token_ids, out.finish_reason

@@ -19,7 +19,8 @@ def block(paths: list[list[str]], labels) -> str:
     return f"<Parallel> NL <Goal> NL {goal} </Goal> NL {body} <Conclusion> NL c </Conclusion> NL </Parallel>"
 
 
-NESTED = ids("x y " + block([["a", "a", block([["b"], ["b", "b", "b"]], ["o1", "o2"])], ["c", "c"]], ["o1", "o2"]) + " z")
+INNER = block([["b"], ["b", "b", "b"]], ["o1", "o2"])
+NESTED = ids("x y " + block([["a", "a", INNER], ["c", "c"]], ["o1", "o2"]) + " z")
 
 
 def test_nested_block_is_drawn_under_its_path():

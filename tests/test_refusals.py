@@ -101,11 +101,10 @@ def test_start_up_refuses(case):
 def test_the_rust_frontend_is_refused(monkeypatch):
     """It bypasses vLLM's Python input processor, where each request is
     checked (``per_request.py``): the per-request refusals would vanish."""
+    from vllm import envs
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_multiverse.vllm032.validate import MultiverseConfigError
-
-    from vllm import envs
 
     # An engine started earlier in this process froze vLLM's reading of the
     # environment (as a server does once it has started).

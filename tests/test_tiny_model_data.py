@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
-from vllm_multiverse.structure import EventKind, MultiverseTokens, StructureConfig, analyze
 from tiny_model.tasks import TaskSampler, extract_answer
 from tiny_model.tokenizer import build_tokenizer
 from tiny_model.train import RowPacker, TrainConfig, build_model, collate, encode_example
+from vllm_multiverse.structure import EventKind, MultiverseTokens, StructureConfig, analyze
 
 TOK = build_tokenizer()
 TOKENS = MultiverseTokens.from_tokenizer(TOK)
@@ -18,7 +18,8 @@ def test_tags_are_single_special_tokens_and_text_round_trips():
     text = "<Think>\nLet's think in parallel.\n<Parallel>\n<Goal>\n<Outline>\n1:\n</Outline>\n"
     ids = TOK.encode(text, add_special_tokens=False)
     assert TOK.decode(ids) == text
-    for tag, tid in zip(("<Parallel>", "</Goal>", "</Path>"), (TOKENS.parallel_open, TOKENS.goal_close, TOKENS.path_close)):
+    tags = {"<Parallel>": TOKENS.parallel_open, "</Goal>": TOKENS.goal_close, "</Path>": TOKENS.path_close}
+    for tag, tid in tags.items():
         assert TOK.encode(tag, add_special_tokens=False) == [tid]
         assert tag in TOK.all_special_tokens
     assert TOK.decode(ids, skip_special_tokens=True).count("<") == 0

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from engine_harness import reference, tokenizer
+
 from tiny_model.evaluate import evaluate, judge
 from tiny_model.train import chat_prompt, held_out_tasks
 

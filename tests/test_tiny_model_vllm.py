@@ -2,10 +2,10 @@
 inactive), and agrees with the reference where no Multiverse rule applies."""
 
 import pytest
-
 from conftest import LLM_DEFAULTS, environ
-from vllm_multiverse.reference import ReferenceDecoder
+
 from tiny_model.train import chat_prompt, held_out_tasks
+from vllm_multiverse.reference import ReferenceDecoder
 
 
 @pytest.fixture(scope="module")

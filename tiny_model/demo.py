@@ -100,9 +100,9 @@ def main() -> int:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from vllm_multiverse.model_config import read_multiverse_config
     from tiny_model.tasks import extract_answer
     from tiny_model.train import held_out_tasks
+    from vllm_multiverse.model_config import read_multiverse_config
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     mv = read_multiverse_config(json.loads((MODEL_DIR / "config.json").read_text())).tokens
@@ -120,7 +120,7 @@ def main() -> int:
         for task in picks:
             messages = [{"role": "user", "content": task.prompt()}]
 
-            def ask(sequential: bool):
+            def ask(sequential: bool, messages=messages):
                 extra = {"skip_special_tokens": False, "vllm_xargs": {"multiverse_sequential": sequential}}
                 t0 = time.perf_counter()
                 r = client.chat.completions.create(model=str(MODEL_DIR), messages=messages, temperature=0,

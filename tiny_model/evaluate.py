@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_multiverse.reference import ReferenceDecoder
-from vllm_multiverse.structure import EventKind, StructureConfig, analyze
 from tiny_model.tasks import Task, extract_answer
 from tiny_model.train import chat_prompt, held_out_tasks
+from vllm_multiverse.reference import ReferenceDecoder
+from vllm_multiverse.structure import EventKind, StructureConfig, analyze
 
 
 @dataclass

@@ -13,8 +13,8 @@ from __future__ import annotations
 from transformers import AddedToken
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-from vllm_multiverse.structure import TAG_NAMES
 from tiny_model.tasks import ANSWER_CUE, PARALLEL_CUE
+from vllm_multiverse.structure import TAG_NAMES
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"

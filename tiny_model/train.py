@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from vllm_multiverse.model_config import declaration, write_multiverse_config
-from vllm_multiverse.structure import MultiverseTokens, analyze
 from tiny_model.tasks import TaskSampler
 from tiny_model.tokenizer import IM_END, build_tokenizer
+from vllm_multiverse.model_config import declaration, write_multiverse_config
+from vllm_multiverse.structure import MultiverseTokens, analyze
 
 HELD_OUT_SEED = 10_000  # evaluation prompts; training uses --seed
 Example = tuple[list[int], int]  # token ids, prompt length
