@@ -56,7 +56,7 @@ def measured(fn):
 
 
 def check_sdpa(rects, dense_tail) -> bool:
-    from masked_cases import batch_of, paged_cache, reference_attention_tiled
+    from masked_cases import reference_attention_tiled, step_inputs
 
     from vllm_multiverse.kernels.masked_attention import gather_logical, sdpa_masked_rows, sdpa_peak_bytes
     from vllm_multiverse.kernels.packed_mask import MaskedRow
@@ -65,10 +65,7 @@ def check_sdpa(rects, dense_tail) -> bool:
     for q_len, layout in [(16, "NHD"), (2048, "NHD"), (4096, "NHD"), (8192, "NHD"), (16, "HND"), (8192, "HND")]:
         rng = np.random.default_rng(q_len)
         rows = [MaskedRow(KV - q_len, q_len, rects)]
-        kv, block_ids, ks, vs = paged_cache(rng, rows, PAGE, HK, D, DTYPE, "cuda", layout)
-        batch = batch_of(rows, block_ids, PAGE)
-        query = torch.randn(q_len, HQ, D, device="cuda", dtype=DTYPE)
-        out = torch.zeros(q_len, HQ * D, device="cuda", dtype=DTYPE)
+        batch, query, out, kv, ks, vs = step_inputs(rng, rows, PAGE, HQ, HK, D, DTYPE, "cuda", layout)
         reference = (q_len, layout) == (8192, "NHD")
         if not reference:
             del ks, vs  # not part of what the route holds

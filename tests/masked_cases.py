@@ -98,6 +98,18 @@ def batch_of(rows, block_ids, page_size) -> MaskedBatch:
     return MaskedBatch(rows, offsets, block_ids, page_size)
 
 
+def step_inputs(rng, rows, page_size, q_heads, kv_heads, head_size, dtype, device, layout):
+    """What a masked route is called with for ``rows``: the batch over a
+    paged cache holding them, a random query and a zeroed output for every
+    query row, the cache, and each row's K/V for the reference."""
+    kv, block_ids, ks, vs = paged_cache(rng, rows, page_size, kv_heads, head_size, dtype, device, layout)
+    batch = batch_of(rows, block_ids, page_size)
+    total = sum(r.q_len for r in rows)
+    query = torch.randn(total, q_heads, head_size, device=device, dtype=dtype)
+    out = torch.zeros(total, q_heads * head_size, device=device, dtype=dtype)
+    return batch, query, out, kv, ks, vs
+
+
 def reference_attention(q, k, v, allowed, scale):
     """float64 softmax attention of one row: q [q, Hq, D], k/v [kv, Hk, D]."""
     rep = q.shape[1] // k.shape[1]

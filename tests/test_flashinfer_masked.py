@@ -24,6 +24,7 @@ from masked_cases import (
     paged_cache,
     reference_attention,
     reference_attention_tiled,
+    step_inputs,
     structured_row,
 )
 
@@ -128,10 +129,7 @@ def test_long_row(long_sequence, q_len, tp, layout, page):
     hq, hk = HEADS[tp]
     rng = np.random.default_rng(q_len)
     rows = [MaskedRow(KV_LONG - q_len, q_len, rects)]
-    kv, block_ids, ks, vs = paged_cache(rng, rows, page, hk, D, DTYPE, "cuda", layout)
-    batch = batch_of(rows, block_ids, page)
-    query = torch.randn(q_len, hq, D, device="cuda", dtype=DTYPE)
-    out = torch.zeros(q_len, hq * D, device="cuda", dtype=DTYPE)
+    batch, query, out, kv, ks, vs = step_inputs(rng, rows, page, hq, hk, D, DTYPE, "cuda", layout)
     fi = flashinfer_prefill(torch.device("cuda"), layout)  # its workspace is start-up memory
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
