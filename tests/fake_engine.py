@@ -308,13 +308,13 @@ class FakeEngine:
             return self._carry_out(req, action)
         tok = req.next_token()
         req.tokens.append(tok)
-        ev = sampling.on_token(self.trees, req.rid, tok)
-        if tok in req.stop_ids:  # vLLM's stop check
-            req.stop_reason = tok
-            return self._stop(req, Finish.STOPPED)
-        if req.num_output >= req.max_tokens:
-            return self._stop(req, Finish.LENGTH)
-        action = sampling.act(self.trees, req.rid, ev)
+        # vLLM's stop check
+        stop = Finish.STOPPED if tok in req.stop_ids else Finish.LENGTH if req.num_output >= req.max_tokens else None
+        action = sampling.on_token(self.trees, req.rid, tok, stopped=stop is not None)
+        if stop is not None:
+            if stop is Finish.STOPPED:
+                req.stop_reason = tok
+            return self._stop(req, stop)
         if action is not None:
             self._carry_out(req, action)
 

@@ -1,8 +1,8 @@
 """What a request's sampled token does: it is the model's text, or it is the
 engine's turn (a fork, the headers the engine writes, the end of a branch's
-Path). The host asks :func:`before_sample` before it appends a step's token,
-records each appended token with :func:`on_token`, and after its own stop
-check asks :func:`act`; it carries out what they return."""
+Path). The host asks :func:`before_sample` before it appends a step's token
+and hands each appended token to :func:`on_token` after its own stop check;
+it carries out what they return."""
 
 from __future__ import annotations
 
@@ -52,22 +52,20 @@ def before_sample(trees: Trees, request_id: str) -> Action | None:
     return _engine_turn(trees, request_id, track, track.state.event)
 
 
-def on_token(trees: Trees, request_id: str, tok: int, logprobs: object = None) -> Event | None:
+def on_token(
+    trees: Trees, request_id: str, tok: int, logprobs: object = None, stopped: bool = False
+) -> Action | None:
     """A sampled token appended to the request (``logprobs``: its own, kept
-    by a branch whose client asked for them)."""
+    by a branch whose client asked for them; ``stopped``: the host's stop
+    check ended the request on it, so the engine takes no turn)."""
     track = trees.tracks[request_id]
     ev = track.append(tok)
     if track.logprobs is not None:
         track.logprobs.append(logprobs)
     if track.in_fork is not None and track.in_fork.concurrency > 1:
         trees.stats["parallel_tokens"] += 1
-    return ev
-
-
-def act(trees: Trees, request_id: str, ev: Event | None) -> Action | None:
-    """After the host's stop check passed a token that :func:`on_token`
-    returned ``ev`` for."""
-    track = trees.tracks[request_id]
+    if stopped:
+        return None
     what = track.act(ev)
     if what is None:
         return None

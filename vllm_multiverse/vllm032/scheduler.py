@@ -217,10 +217,10 @@ class MultiverseScheduler(Scheduler):
             request.append_output_token_ids(tok)
             kept.append(tok)
             logprobs = self._sampled_logprobs(rid, len(kept) - 1) if track.logprobs is not None else None
-            ev = sampling.on_token(trees, rid, tok, logprobs)
-            if check_stop(request, self.max_model_len):
+            stopped = check_stop(request, self.max_model_len)
+            action = sampling.on_token(trees, rid, tok, logprobs, stopped)
+            if stopped:
                 return kept, True
-            action = sampling.act(trees, rid, ev)
             if action is not None:
                 return kept, self._carry_out(request, action, kept)
         return kept, False
