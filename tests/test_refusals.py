@@ -117,6 +117,49 @@ def test_the_rust_frontend_is_refused(monkeypatch):
     assert "multiverse" not in str(cfg.scheduler_config.scheduler_cls).lower()
 
 
+_RUNNER_CHOICE = """
+import json, os, sys
+from vllm import envs
+from vllm.engine.arg_utils import EngineArgs
+from vllm_multiverse.vllm032.validate import MultiverseConfigError
+base, seen = json.loads(sys.argv[1]), {}
+for value in (None, "0"):
+    if value is not None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = value
+    envs.disable_envs_cache()
+    try:
+        seen[str(value)] = ["v2" if EngineArgs(**base).create_engine_config().use_v2_model_runner else "v1", ""]
+    except MultiverseConfigError as e:
+        seen[str(value)] = ["refused", str(e)]
+    plain = EngineArgs(**(base | {"additional_config": {"multiverse": {"enabled": False}}}))
+    seen[str(value)].append("v2" if plain.create_engine_config().use_v2_model_runner else "v1")
+print("RESULT " + json.dumps(seen))
+"""
+
+
+def test_model_runner_v2_on_cpu_is_refused_with_the_way_out():
+    """Where Triton has a CPU backend (triton-cpu installed; here the test
+    backend of ``tests/triton_cpu``), vLLM picks Model Runner V2 on CPU by
+    itself. The hooks are V1's: refused, with the explicit 0 as the way out,
+    under which the engine starts on V1; stock engines keep vLLM's choice."""
+    import json
+
+    env = os.environ.copy()
+    env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "tests", "triton_cpu"), root])
+    env["TRITON_INTERPRET"] = "1"
+    run = subprocess.run([sys.executable, "-c", _RUNNER_CHOICE, json.dumps(BASE)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, run.stderr[-3000:]
+    seen = json.loads(line.removeprefix("RESULT "))
+    status, message, stock = seen["None"]
+    assert (status, stock) == ("refused", "v2")
+    assert "Model Runner V2 on CPU" in message and "VLLM_USE_V2_MODEL_RUNNER=0" in message
+    assert seen["0"] == ["v1", "", "v1"]
+
+
 # Whole model configs of other architectures, with the tiny model's tokenizer
 # and declaration (vLLM reads only the config at start-up).
 OTHER_MODELS = {

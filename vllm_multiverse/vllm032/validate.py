@@ -174,8 +174,11 @@ def _check_cpu(vllm_config: VllmConfig) -> None:
     model_config = vllm_config.model_config
     cache = vllm_config.cache_config
     if vllm_config.use_v2_model_runner:
+        # vLLM picks V2 by itself where Triton reports a CPU backend
+        # (triton-cpu installed), so the way out is the explicit 0.
         refuse(
-            "Model Runner V2 on CPU", "the runner hooks are written for the V1 runner; unset VLLM_USE_V2_MODEL_RUNNER."
+            "Model Runner V2 on CPU",
+            "the runner hooks are written for the V1 runner; set VLLM_USE_V2_MODEL_RUNNER=0.",
         )
     dtype = model_config.dtype
     if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
