@@ -2,7 +2,9 @@
 (the ``vllm.general_plugins`` and ``vllm.stat_logger_plugins`` entry points,
 ``scheduler_cls``/``worker_cls``, ``register_backend``), each with why, and
 the only code that makes those changes. A port to another vLLM starts from
-this list.
+this list and from ``scripts/vllm_touch_points.py``, which finds every vLLM
+symbol, override and attribute the layer uses and checks them against the
+new release.
 
 Methods wrapped, once per process (:func:`install`):
 
