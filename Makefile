@@ -12,10 +12,12 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+	$(PY) -m pytest --model-runner v2
 
 test-all: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m ""
+	$(PY) -m pytest --model-runner v2 -m ""
 
 model: setup
 	$(PY) -m tiny_model.train --out models/multiverse-tiny

@@ -1,10 +1,12 @@
 """Transcript replay: every sampled token forced to a given transcript's.
 
 A request carries the transcript's answer in
-``SamplingParams.extra_args`` (:func:`replay_args`); the vLLM V1 logits
-processor :class:`ReplayLogitsProcessor` (``LLM(...,
-logits_processors=[ReplayLogitsProcessor])``) makes the transcript's next
-token the only one that can be sampled. Any model then decodes the
+``SamplingParams.extra_args`` (:func:`replay_args`); a logits processor
+(``LLM(..., logits_processors=[processor_for(use_v2)])``) makes the
+transcript's next token the only one that can be sampled: one class per
+model runner, as each has its own logits-processor API
+(:class:`ReplayLogitsProcessor` on V1, :class:`ReplayLogitsProcessorV2` on
+Model Runner V2, the only one from vLLM 0.34 on), both on one alignment. Any model then decodes the
 transcript's exact structure, whatever its weights, so that the engine's
 speed can be measured on real workload shapes.
 
@@ -29,9 +31,11 @@ import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as LogitsProcessorV2
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
 
 REPLAY_ARG = "multiverse_replay"  # SamplingParams.extra_args key
 # Far above any logit, finite so that temperature and softmax stay exact:
@@ -210,12 +214,86 @@ class ReplayLogitsProcessor(LogitsProcessor):
             if tok is not None:
                 rows.append(i)
                 tokens.append(tok)
-        if rows:
-            index = torch.tensor([rows, tokens], dtype=torch.int64)
-            if logits.device.type != "cpu":
-                index = index.pin_memory().to(logits.device, non_blocking=True)
-            logits[index[0], index[1]] = _FORCED_LOGIT
+        _force(logits, rows, tokens)
         return logits
+
+
+def _force(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
+    if rows:
+        index = torch.tensor([rows, tokens], dtype=torch.int64)
+        if logits.device.type != "cpu":
+            index = index.pin_memory().to(logits.device, non_blocking=True)
+        logits[index[0], index[1]] = _FORCED_LOGIT
+
+
+@dataclass
+class _Slot:
+    prompt_len: int  # the client prompt's
+    align: Alignment  # of what follows the client prompt
+    seq: list[int]  # what follows it, as last read
+
+
+# Tokens before the last read end read again each step (a margin: the
+# engine's rewrites start after it).
+_REREAD = 16
+
+
+class ReplayLogitsProcessorV2(LogitsProcessorV2):
+    """:class:`ReplayLogitsProcessor` on Model Runner V2's API: a request
+    slot's sequence is read off the runner's token buffer (prompt and
+    output together, the engine's written tokens included) up to its length,
+    where V1 hands a live output list."""
+
+    multiverse_aware = True
+    validate_params = ReplayLogitsProcessor.validate_params
+
+    def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
+        self.model_config = vllm_config.model_config
+        self.req_states = req_states
+        self.slots: dict[int, _Slot] = {}
+        self._tags: Tags | None | bool = False
+
+    tags = ReplayLogitsProcessor.tags
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        arg = (sampling_params.extra_args or {}).get(REPLAY_ARG)
+        if arg is None:
+            self.slots.pop(req_idx, None)  # slots are recycled
+            return False
+        self.slots[req_idx] = _Slot(arg["prompt_len"], Alignment(arg["answer"], self.tags()), [])
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        if not self.slots:
+            return logits
+        slots = ctx.expanded_idx_mapping.tolist()
+        if not any(s in self.slots for s in slots):
+            return logits
+        # The whole buffers, once: a device tensor on CUDA, the same memory on CPU.
+        lengths = self.req_states.total_len.gpu.cpu()
+        token_ids = self.req_states.all_token_ids.gpu
+        rows, tokens = [], []
+        for row, slot in enumerate(slots):
+            entry = self.slots.get(slot)
+            if entry is None:
+                continue
+            # Only the tail is read again: the engine rewrites tokens after
+            # the ones this processor last saw, never before.
+            seq, end = entry.seq, int(lengths[slot]) - entry.prompt_len
+            start = max(0, min(len(seq), end) - _REREAD)
+            seq[start:] = token_ids[slot, entry.prompt_len + start : entry.prompt_len + end].tolist()
+            tok = entry.align.target(seq)
+            if tok is not None:
+                rows.append(row)
+                tokens.append(tok)
+        _force(logits, rows, tokens)
+        return logits
+
+
+def processor_for(use_v2: bool) -> str:
+    """The replay processor for a model runner, as ``--logits-processors``
+    names it."""
+    return f"forcing:{ReplayLogitsProcessorV2.__name__ if use_v2 else ReplayLogitsProcessor.__name__}"
 
 
 def _model_tags(model_config) -> Tags | None:

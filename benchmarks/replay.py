@@ -1,7 +1,7 @@
 """Replay of Multiverse transcripts: the engine's speed on a workload's shapes.
 
     python benchmarks/replay.py --model DIR|fixture --transcripts DIR [--batches 1 4 16 64]
-                                [--dtype float32] [--repeat 3] [--json OUT] [--out MD]
+                                [--dtype float32] [--repeat 3] [--runner v1|v2] [--json OUT] [--out MD]
     python benchmarks/replay.py --make-tiny DIR [--n 64]
 
 A transcript is one text file (``*.txt``) in the authors' serialisation: the
@@ -30,6 +30,11 @@ cost the same whatever it holds (at batch 1, the transcript's own ratio;
 ``ideal_pooled``, all output tokens / all critical-path tokens, is what the
 batch's requests gain on average in latency, not in wall time);
 speedup = one-at-a-time s / engine s; efficiency = speedup / ideal;
+``--runner v2`` runs all three on vLLM's Model Runner V2 (on a CPU, through
+the test Triton backend ``tests/triton_cpu`` and Triton's interpreter, whose
+per-kernel cost makes its seconds a CPU artefact: compare tokens and ratios
+within one runner); the forcing processor is the runner's own
+(``forcing.processor_for``).
 vs_plain = plain s / engine s; same_tokens: every configuration reproduced
 every transcript token for token. One JSON
 line per batch size, then a markdown table. Each batch runs ``--repeat``
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -56,7 +62,26 @@ sys.path.insert(0, str(ROOT))  # the tiny model's task (tiny_model/)
 TINY = ROOT / "models" / "multiverse-tiny"
 FIXTURE_CACHE = Path.home() / ".cache" / "vllm-multiverse"
 CONFIGS = {"engine": {}, "one_at_a_time": {"parallel": False}, "plain": {"enabled": False}}
-PROCESSOR = "forcing:ReplayLogitsProcessor"
+TRITON_CPU = ROOT / "tests" / "triton_cpu"
+
+
+def runner_env(runner: str) -> dict[str, str] | None:
+    """The environment of a configuration's process: vLLM's choice (V1 on
+    this CPU), or Model Runner V2."""
+    if runner == "v1":
+        return None
+    env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER="1")
+    if not torch_has_cuda():
+        # vLLM picks V2 on a CPU where Triton reports a CPU backend.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRITON_CPU), env.get("PYTHONPATH")]))
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # -- transcripts ----------------------------------------------------------------
@@ -144,7 +169,7 @@ def serve_config(mode: str, args) -> None:
     """Runs in a child process: one engine, a batch size per line of stdin,
     a ``RESULT`` line each."""
     import torch
-    from forcing import replay_args
+    from forcing import processor_for, replay_args
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -159,7 +184,7 @@ def serve_config(mode: str, args) -> None:
     llm = LLM(
         model=str(model), dtype=args.dtype, enforce_eager=not torch.cuda.is_available(),
         max_model_len=longest + 64, kv_cache_memory_bytes=max(kv, 512 << 20), seed=0,
-        generation_config="vllm", logits_processors=[PROCESSOR],
+        generation_config="vllm", logits_processors=[processor_for(args.runner == "v2")],
         additional_config={"multiverse": CONFIGS[mode]},
     )
     info = read_model_declaration({"multiverse": model_declaration(model)})
@@ -187,8 +212,8 @@ def measure(args) -> dict[str, dict[str, list[dict]]]:
     runs once, back to back, in a rotating order, so that a machine whose
     speed drifts slows a round's three runs alike."""
     cmd = [__file__, "--model", str(args.model), "--transcripts", str(args.transcripts),
-           "--batches", *map(str, args.batches), "--dtype", args.dtype]
-    children = [Child(mode, [*cmd, "--child", mode]) for mode in CONFIGS]
+           "--batches", *map(str, args.batches), "--dtype", args.dtype, "--runner", args.runner]
+    children = [Child(mode, [*cmd, "--child", mode], env=runner_env(args.runner)) for mode in CONFIGS]
     try:
         for c in children:
             c.wait_for("READY")
@@ -276,6 +301,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per batch (each configuration once)")
+    ap.add_argument("--runner", choices=("v1", "v2"), default="v1", help="vLLM's model runner (v2: Model Runner V2)")
     ap.add_argument("--json", type=Path, help="write the JSON lines here")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     ap.add_argument("--make-tiny", type=Path, metavar="DIR")

@@ -11,6 +11,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).parent), str(ROOT), str(ROOT / "benchmarks")]
 TINY_MODEL = ROOT / "models" / "multiverse-tiny"
 
+# Model Runner V2 on this CPU (``--model-runner v2``): vLLM picks V2 where
+# Triton reports a CPU backend; tests/triton_cpu is one, seen only by this
+# process and its children (a V1 engine that sees it without Triton's
+# interpreter dies).
+TRITON_CPU = ROOT / "tests" / "triton_cpu"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--model-runner",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v2: run the tests marked both_runners on vLLM's Model Runner V2 (tests/triton_cpu), and only those",
+    )
+
+
+# pytest's cache (``.pytest_cache``): engine_harness keeps the reference's
+# outputs there, so that the V1 and V2 sessions of one ``make test`` share them.
+REFERENCE_CACHE = None
+
+
+def pytest_configure(config):
+    global REFERENCE_CACHE
+    REFERENCE_CACHE = getattr(config, "cache", None)
+    if config.getoption("--model-runner") != "v2":
+        return
+    # Triton finds its backends when it is first imported.
+    assert "triton" not in sys.modules, "Triton was imported before the test Triton backend was put on the path"
+    sys.path.insert(0, str(TRITON_CPU))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRITON_CPU), str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+
+
+def model_runner() -> str:
+    """The runner this session's engines use ("v1" or "v2")."""
+    return "v2" if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1" else "v1"
+
+
 # vLLM's CUDA platform stood in for: only in the process test_cuda_platform.py starts.
 CUDA_PLATFORM_ENV = "MULTIVERSE_CUDA_PLATFORM_TESTS"
 collect_ignore = [] if os.environ.get(CUDA_PLATFORM_ENV) == "1" else ["cuda_platform"]
@@ -85,9 +124,25 @@ def engines():
     pool.close()
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects: the V2 slow marks count
+def pytest_collection_modifyitems(config, items):
     """Modules that share an engine (their ``SHARED_ENGINE``) run one after
-    another, from where the first of them would run."""
+    another, from where the first of them would run. On V2, only the tests
+    marked ``both_runners``; those marked ``both_runners(v2="slow")`` are
+    slow there (Triton's interpreter runs V2's kernels on this CPU, at a
+    cost per kernel and request)."""
+    if config.getoption("--model-runner") == "v2":
+        kept = []
+        for item in items:
+            mark = item.get_closest_marker("both_runners")
+            if mark is None:
+                continue
+            if mark.kwargs.get("v2") == "slow":
+                item.add_marker(pytest.mark.slow)
+            kept.append(item)
+        ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in ids])
+        items[:] = kept
 
     def group(item) -> str:
         module = item.module

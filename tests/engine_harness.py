@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from pathlib import Path
 
+import conftest
 from conftest import TINY_MODEL
 
 
@@ -46,9 +48,35 @@ def openai_client(base: str, timeout: float = 600):
 
 
 @functools.cache
+def _reference_key() -> str:
+    import hashlib
+
+    from vllm_multiverse import reference as module
+
+    h = hashlib.sha256()
+    for path in (TINY_MODEL / "model.safetensors", TINY_MODEL / "config.json", Path(module.__file__)):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.cache
 def reference_output(prompt: tuple[int, ...], max_tokens: int) -> tuple[list[int], str]:
+    # Shared by the V1 and V2 sessions of one ``make test`` (conftest),
+    # under a key of the model's weights and the reference's code.
+    cache = conftest.REFERENCE_CACHE
+    key = f"multiverse/reference/{_reference_key()}/{hash_tokens(prompt)}-{max_tokens}"
+    if cache is not None and (hit := cache.get(key, None)) is not None:
+        return hit[0], hit[1]
     out = reference().generate(list(prompt), max_tokens=max_tokens)
+    if cache is not None:
+        cache.set(key, [out.token_ids, out.finish_reason])
     return out.token_ids, out.finish_reason
+
+
+def hash_tokens(tokens: tuple[int, ...]) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(tokens).encode()).hexdigest()[:24]
 
 
 MAX_TOKENS = 1500

@@ -15,7 +15,8 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm_multiverse.kernels.masked_attention import MaskedBatch
 from vllm_multiverse.vllm032 import attention, validate
 from vllm_multiverse.vllm032.attention import MaskedRowsImpl
-from vllm_multiverse.vllm032.runner import MultiverseCudagraphDispatcher, MultiverseRunnerMixin, position_deltas
+from vllm_multiverse.vllm032.runner import MultiverseCudagraphDispatcher, MultiverseRunnerMixin
+from vllm_multiverse.vllm032.step_inputs import position_deltas
 from vllm_multiverse.vllm032.validate import MultiverseConfigError
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny"

@@ -2,10 +2,19 @@
 to the sequential reference, sharing prefix blocks, merging without recompute."""
 
 import pytest
+from conftest import model_runner
 from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference_output, scheduler, step_until
 from tree_checks import leftovers
 
 SHARED_ENGINE = "tiny, defaults"
+# Stock vLLM fails there too: Model Runner V2 samples top-k and top-p with a
+# Triton kernel that Triton's interpreter cannot run ("'int' object has no
+# attribute 'to'"), so on this CPU's V2 the argmax of n > 1 is not reachable.
+V2_TOP_K = "top-k sampling: V2's Triton top-k kernel does not run under Triton's interpreter"
+
+
+# Runs on V1 and on Model Runner V2 (pytest --model-runner v2).
+pytestmark = pytest.mark.both_runners
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +138,7 @@ def _structured_prompt(goal_body: str) -> list[int]:
     )
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 @pytest.mark.parametrize("n_outlines", [0, 20, 100])
 def test_goal_with_zero_or_many_outlines(llm, n_outlines):
     """Zero Outlines, or more than the structure rule's 64: a causal block,
@@ -176,6 +186,7 @@ def test_max_tokens_inside_a_nested_block(llm):
     assert not sched.trees.forks and not sched.trees.tracks and _free_blocks(llm) == free0
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 @pytest.mark.parametrize("rounds", [5, pytest.param(25, marks=pytest.mark.slow)])
 def test_no_block_leaks_after_many_requests_with_aborts(llm, rounds):
     free0 = _free_blocks(llm)
@@ -211,6 +222,7 @@ def test_acceptance_200_prompts(llm, batch):
         assert g == reference_output(tuple(p), MAX_TOKENS)[0]
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_stop_token_ids_and_max_tokens_apply_in_text_order(llm):
     """A stop token or the max_tokens cut inside a later Path ends the text
     exactly where the sequential reference ends it."""
@@ -390,9 +402,10 @@ def test_n_parents_forking_at_once_stay_exact(llm):
 
     p = held_out_prompts(16)[9]
     ref, _ = reference_output(tuple(p), MAX_TOKENS)
-    # vLLM refuses n > 1 at temperature 0; top_k=1 samples the argmax.
-    greedy_n = llm.generate([{"prompt_token_ids": p}], greedy(n=3, temperature=1.0, top_k=1), use_tqdm=False)[0]
-    assert [list(c.token_ids) for c in greedy_n.outputs] == [ref] * 3
+    if model_runner() == "v1":  # V2's top-k kernel fails under Triton's interpreter (V2_TOP_K)
+        # vLLM refuses n > 1 at temperature 0; top_k=1 samples the argmax.
+        greedy_n = llm.generate([{"prompt_token_ids": p}], greedy(n=3, temperature=1.0, top_k=1), use_tqdm=False)[0]
+        assert [list(c.token_ids) for c in greedy_n.outputs] == [ref] * 3
 
     def sampled(n, seed):
         sp = SamplingParams(n=n, temperature=1.5, seed=seed, max_tokens=500, skip_special_tokens=False)
@@ -408,6 +421,9 @@ def test_caps_hold_per_client_request(llm):
     """n > 1 children are one client request: together they run at most
     max_branches_per_request branches beside their siblings."""
     from dataclasses import replace
+
+    if model_runner() == "v2":
+        pytest.skip(V2_TOP_K)
 
     from engine_harness import tokenizer
 

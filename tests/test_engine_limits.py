@@ -9,6 +9,10 @@ from tree_checks import leftovers
 MAX_MODEL_LEN = 640
 
 
+# Runs on V1 and on Model Runner V2 (pytest --model-runner v2).
+pytestmark = pytest.mark.both_runners
+
+
 @pytest.fixture(scope="module")
 def llm(engines, tiny_model_dir):
     return engines.get(tiny_model_dir, max_model_len=MAX_MODEL_LEN, disable_log_stats=False)

@@ -12,6 +12,10 @@ from tiny_model.train import chat_prompt
 KV_BYTES = 12 * 2**20
 
 
+# Runs on V1 and on Model Runner V2 (pytest --model-runner v2).
+pytestmark = pytest.mark.both_runners
+
+
 @pytest.fixture(scope="module")
 def llm(engines, tiny_model_dir):
     return engines.get(tiny_model_dir, kv_cache_memory_bytes=KV_BYTES, enable_prefix_caching=False)
@@ -129,6 +133,7 @@ def test_sequential_with_prefix_caching_off(llm):
         assert o.num_cached_tokens == 0
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_pause_wait_drains_in_flight_trees_and_resume_finishes_the_held_ones(llm):
     """vLLM's pause_scheduler("wait") steps until nothing is in flight
     (PAUSED_NEW admits only requests holding KV). Trees preempted for memory

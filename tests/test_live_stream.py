@@ -16,6 +16,10 @@ from vllm_multiverse.tree import is_branch
 SHARED_ENGINE = "tiny, defaults"
 
 
+# Runs on V1 and on Model Runner V2 (pytest --model-runner v2).
+pytestmark = pytest.mark.both_runners
+
+
 @pytest.fixture(scope="module")
 def llm(engines, tiny_model_dir):
     return engines.get(tiny_model_dir)

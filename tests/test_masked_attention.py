@@ -10,6 +10,10 @@ from engine_harness import MAX_TOKENS, greedy, held_out_prompts, reference, refe
 PARALLEL = {"multiverse_sequential": False}
 
 
+# Runs on V1 and on Model Runner V2 (pytest --model-runner v2).
+pytestmark = pytest.mark.both_runners
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["prefix-caching-on", "prefix-caching-off"])
 def llm(engines, tiny_model_dir, request):
     return engines.get(

@@ -203,6 +203,7 @@ def reference(mv32b_dir):
     return ReferenceDecoder.from_pretrained(mv32b_dir)
 
 
+@pytest.mark.both_runners
 def test_recognised_with_no_flag_and_no_file_changed(llm, mv32b_dir):
     from vllm_multiverse.vllm032.scheduler import MultiverseScheduler
 
@@ -226,6 +227,7 @@ def _greedy(max_tokens=MAX_TOKENS, **kw):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False, **kw)
 
 
+@pytest.mark.both_runners
 def test_a_prompt_ending_at_goal_close_forks_at_once(llm, mv32b_dir, reference):
     tok = _tokenizer(mv32b_dir)
     prompt = _prompt(tok, "</Goal>")
@@ -238,6 +240,7 @@ def test_a_prompt_ending_at_goal_close_forks_at_once(llm, mv32b_dir, reference):
     assert list(out.token_ids) == reference.generate(prompt, max_tokens=MAX_TOKENS).token_ids
 
 
+@pytest.mark.both_runners
 @pytest.mark.parametrize("cut", list(CUTS))
 def test_continuations_agree_in_parallel_sequential_and_the_reference(llm, mv32b_dir, reference, cut):
     tok = _tokenizer(mv32b_dir)

@@ -136,11 +136,14 @@ def test_an_unknown_path_is_not_forced(tok, tags):
 
 @pytest.fixture(scope="module")
 def llm(engines, tiny_model_dir):
-    from forcing import ReplayLogitsProcessor
+    from conftest import model_runner
+    from forcing import ReplayLogitsProcessor, ReplayLogitsProcessorV2
 
-    return engines.get(tiny_model_dir, logits_processors=[ReplayLogitsProcessor])
+    processor = ReplayLogitsProcessorV2 if model_runner() == "v2" else ReplayLogitsProcessor
+    return engines.get(tiny_model_dir, logits_processors=[processor])
 
 
+@pytest.mark.both_runners
 def test_engine_reproduces_an_edited_transcript(llm):
     from forcing import replay_args
     from vllm import SamplingParams

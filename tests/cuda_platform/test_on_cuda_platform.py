@@ -33,7 +33,12 @@ from vllm_multiverse.kernels.packed_mask import MaskedRow
 from vllm_multiverse.tree import MultiverseStep
 from vllm_multiverse.vllm032 import attention, wiring
 from vllm_multiverse.vllm032.attention import MaskedRowsImpl
-from vllm_multiverse.vllm032.cuda.worker import MultiverseGPUModelRunner, MultiverseGPUWorker
+from vllm_multiverse.vllm032.cuda.worker import (
+    CudaMaskedRouteMixin,
+    MultiverseGPUModelRunner,
+    MultiverseGPUModelRunnerV2,
+    MultiverseGPUWorker,
+)
 from vllm_multiverse.vllm032.runner import MultiverseCudagraphDispatcher
 from vllm_multiverse.vllm032.validate import MultiverseConfigError
 
@@ -190,10 +195,21 @@ def test_refused_parallelism(case):
         assert "--no-multiverse-enabled" in str(err.value)
 
 
-def test_model_runner_v2_asked_for_is_refused(monkeypatch):
+def test_model_runner_v2_asked_for_is_kept(monkeypatch):
+    """``VLLM_USE_V2_MODEL_RUNNER=1`` on CUDA: the config keeps V2 and the
+    worker builds the Multiverse V2 runner (building it needs CUDA memory;
+    the V2 CPU tests build its CPU twin)."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as GPUModelRunnerV2
+
     monkeypatch.setenv(wiring.V2_ENV, "1")
-    with pytest.raises(MultiverseConfigError, match="Model Runner V2"):
-        engine_config()
+    cfg = engine_config()
+    assert cfg.use_v2_model_runner and cfg.scheduler_config.scheduler_cls == wiring.SCHEDULER_CLS
+    with set_current_vllm_config(cfg):
+        worker = MultiverseGPUWorker(
+            vllm_config=cfg, local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0", is_driver_worker=True
+        )
+    assert worker.use_v2_model_runner
+    assert worker.runner_class() is MultiverseGPUModelRunnerV2 and issubclass(worker.runner_class(), GPUModelRunnerV2)
 
 
 # -- the attention layers the model builds ---------------------------------
@@ -249,9 +265,6 @@ def test_the_cuda_worker_builds_the_multiverse_v1_runner():
     worker, runner = worker_and_runner(engine_config())
     assert type(runner) is MultiverseGPUModelRunner and isinstance(runner, GPUModelRunner)
     assert not worker.use_v2_model_runner
-    worker.use_v2_model_runner = True  # what a V2 config would make it build
-    with pytest.raises(RuntimeError, match="V1 model runner"):
-        worker._make_model_runner()
 
 
 @pytest.mark.parametrize("requested", ["auto", "flashinfer", "sdpa"])
@@ -286,7 +299,8 @@ def test_the_masked_routes_memory_is_reserved_before_the_kv_cache():
     mc, pc = cfg.model_config, cfg.parallel_config
     tokens, max_len = cfg.scheduler_config.max_num_batched_tokens, mc.max_model_len
     heads, kv_heads, d = mc.get_num_attention_heads(pc), mc.get_num_kv_heads(pc), mc.get_head_size()
-    assert "profile_run" in vars(MultiverseGPUModelRunner)
+    for runner_cls in (MultiverseGPUModelRunner, MultiverseGPUModelRunnerV2):
+        assert runner_cls.profile_run is CudaMaskedRouteMixin.profile_run
     for route, covers in (
         ("sdpa", sdpa_peak_bytes(tokens, max_len, heads, kv_heads, d, torch.bfloat16, 16)),
         ("flashinfer", tokens * max_len // 8),
@@ -404,3 +418,32 @@ def test_a_masked_step_on_flashinfer_computes_every_row_once(monkeypatch):
         assert (output == 1).all()
     assert recorded.plans == [[(40, 1, ()), (0, 6, ((3, 6, 1, 3),)), (10, 1, ((10, 11, 2, 5),))]]
     assert recorded.runs == [8, 8]
+
+
+def test_model_runner_v2_never_replays_a_full_graph_over_masked_rows(monkeypatch):
+    """V2's graph manager, as ``initialize_kv_cache`` builds it for the
+    H100's FULL_AND_PIECEWISE, with the Multiverse dispatch: a masked step
+    of a size that has a full graph runs that size's piecewise graph."""
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+
+    from vllm_multiverse.vllm032.runner_v2 import graph_manager_class
+
+    cfg = engine_config()
+    # A CUDA graph pool is a CUDA object; the dispatch never touches it.
+    monkeypatch.setattr(current_platform, "get_global_graph_pool", lambda: None)
+    with set_current_vllm_config(cfg):
+        # The manager asks for its pipeline group: a one-process group, as
+        # vLLM's worker makes for one GPU.
+        init_distributed_environment(1, 0, "tcp://127.0.0.1:0", 0, backend="gloo")
+        ensure_model_parallel_initialized(1, 1)
+        manager = CudaGraphManager(cfg, torch.device("cpu"), cfg.compilation_config.cudagraph_mode, decode_query_len=1)
+    manager.__class__ = graph_manager_class(CudaGraphManager)
+    manager._graphs_captured = True  # what capture_model leaves
+    plain = manager.dispatch(8, 8, 1, 0)
+    assert plain.cg_mode == CUDAGraphMode.FULL
+    manager.masked_step = True
+    masked = manager.dispatch(8, 8, 1, 0)
+    assert masked.cg_mode == CUDAGraphMode.PIECEWISE and masked.num_tokens == plain.num_tokens
+    mixed = manager.dispatch(3, 8, None, 0, max_query_len=None)  # a prefill among decodes: never FULL anyway
+    assert mixed.cg_mode != CUDAGraphMode.FULL

@@ -26,9 +26,15 @@ Classes swapped on an object vLLM built with no hook to choose the class:
 
 5. the CPU worker's model runner (``CPUWorker`` builds it inline) becomes the
    Multiverse CPU runner (:func:`use_runner_class`);
-6. the runner's CUDA-graph dispatcher (built in ``GPUModelRunner.__init__``)
+6. the V1 runner's CUDA-graph dispatcher (built in ``GPUModelRunner.__init__``)
    becomes :class:`~vllm_multiverse.vllm032.runner.MultiverseCudagraphDispatcher`
-   (:func:`use_dispatcher_class`).
+   (:func:`use_dispatcher_class`);
+6a. Model Runner V2's model state (built in ``load_model`` by
+   ``init_model_state``) and CUDA-graph manager (built in
+   ``initialize_kv_cache``) become their classes with the Multiverse
+   mixins of ``runner_v2.py`` (:func:`use_model_state_class`,
+   :func:`use_graph_manager_class`). Patching ``DefaultModelState`` itself
+   would miss models that bring their own state class.
 
 Attributes added to vLLM's objects:
 
@@ -49,7 +55,11 @@ Attributes added to vLLM's objects:
 Private methods the plugin's subclasses override (vLLM's own code path,
 changed in place): ``Scheduler._update_request_with_output``,
 ``_free_request_blocks``, ``_preempt_request``; ``GPUModelRunner._update_states``,
-``_prepare_inputs``, ``_build_attention_metadata``; ``CPUModelRunner._sample``,
+``_prepare_inputs``, ``_build_attention_metadata``; Model Runner V2's
+``GPUModelRunner.update_requests``, ``initialize_kv_cache``, ``execute_model``,
+its model state's ``prepare_inputs``, ``prepare_dummy_inputs``,
+``prepare_attn`` and its graph manager's ``dispatch`` (reading its
+``_candidates``); ``CPUModelRunner._sample``,
 ``_bookkeeping_sync``; ``Worker._make_model_runner``; and ``kv.py`` reads the
 KV cache manager's ``coordinator.single_type_managers[0]`` tables.
 """
@@ -125,6 +135,16 @@ def use_runner_class(worker: Any, runner_cls: type) -> None:
 def use_dispatcher_class(runner: Any, dispatcher_cls: type) -> None:
     """Patch 6: the runner's CUDA-graph dispatcher becomes ``dispatcher_cls``."""
     runner.cudagraph_dispatcher.__class__ = dispatcher_cls
+
+
+def use_model_state_class(runner: Any, state_cls: type) -> None:
+    """Patch 6a: the V2 runner's model state becomes ``state_cls``."""
+    runner.model_state.__class__ = state_cls
+
+
+def use_graph_manager_class(runner: Any, manager_cls: type) -> None:
+    """Patch 6a: the V2 runner's CUDA-graph manager becomes ``manager_cls``."""
+    runner.cudagraph_manager.__class__ = manager_cls
 
 
 def send_step(scheduler_output: SchedulerOutput, step: MultiverseStep) -> None:

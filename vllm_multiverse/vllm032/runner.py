@@ -4,11 +4,12 @@ tokens, the merge's KV copies, Multiverse positions for the scheduled
 tokens, the masked rows handed to the attention backend, and no full CUDA
 graph for a step that has them. Everything comes from the step's
 :class:`~vllm_multiverse.tree.MultiverseStep` (``patches.received_step``).
+Model Runner V2's hooks are ``runner_v2.py``; vLLM 0.34 keeps only V2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +19,14 @@ from vllm.config import CUDAGraphMode
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
 from vllm_multiverse.kernels.masked_attention import MaskedBatch
-from vllm_multiverse.kernels.packed_mask import MaskedRow
 from vllm_multiverse.structure import Rect
 from vllm_multiverse.tree import MultiverseStep
 from vllm_multiverse.vllm032 import patches, validate
+from vllm_multiverse.vllm032.step_inputs import masked_batch, position_deltas
 
 if TYPE_CHECKING:
     from vllm.forward_context import BatchDescriptor
     from vllm.v1.core.sched.output import SchedulerOutput
-    from vllm.v1.worker.block_table import BlockTable
 
 _EMPTY = MultiverseStep()
 
@@ -48,51 +48,6 @@ class MultiverseCudagraphDispatcher(CudagraphDispatcher):
         if self.masked_step and (valid_modes is None or set(valid_modes) - {CUDAGraphMode.FULL}):
             invalid_modes = set(invalid_modes or ()) | {CUDAGraphMode.FULL}
         return super().dispatch(*args, valid_modes=valid_modes, invalid_modes=invalid_modes, **kwargs)
-
-
-def position_deltas(
-    positions: dict, req_ids: list[str], query_start: np.ndarray, seq_lens: np.ndarray, total: int
-) -> np.ndarray | None:
-    """Token index minus Multiverse position, for each scheduled token of
-    the batch (vLLM's positions are token indices); None if all zero."""
-    if not positions:
-        return None
-    delta = np.zeros(total, dtype=np.int64)
-    for i, rid in enumerate(req_ids):
-        pos = positions.get(rid)
-        if pos is None:
-            continue
-        a, b = int(query_start[i]), int(query_start[i + 1])
-        if isinstance(pos, int):
-            delta[a:b] = pos
-        else:
-            start = int(seq_lens[i]) - (b - a)
-            delta[a:b] = np.arange(start, start + b - a) - np.asarray(pos, dtype=np.int64)
-    return delta
-
-
-class KernelBlockIds(Sequence):
-    """Each masked row's kernel block ids, read off the step's block table
-    when a route asks for them (the CPU kernel takes vLLM's table and never
-    does)."""
-
-    def __init__(self, table: BlockTable, where: list[tuple[int, int]], kernel_block: int) -> None:
-        self.table, self.where, self.kernel_block = table, where, kernel_block
-        self._rows: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.where)
-
-    def __getitem__(self, j: int) -> np.ndarray:
-        ids = self._rows.get(j)
-        if ids is None:
-            i, end = self.where[j]
-            # The table holds scheduler blocks; the layers' caches count kernel
-            # blocks, each scheduler block holding `split` of them in order.
-            split = self.table.block_size // self.kernel_block
-            blocks = self.table.block_table.np[i, : -(-end // self.table.block_size)].astype(np.int64)
-            ids = self._rows[j] = (blocks[:, None] * split + np.arange(split)).reshape(-1)
-        return ids
 
 
 class MultiverseRunnerMixin:
@@ -176,22 +131,16 @@ class MultiverseRunnerMixin:
         return ret
 
     def _masked_batch(self, masks: Mapping[str, list[Rect]]) -> MaskedBatch:
-        """Every request of the step (the whole-step routes compute them
-        all), the ones in ``masks`` marked masked."""
-        qsl = self.query_start_loc.np
-        seq_lens = self.optimistic_seq_lens_cpu.numpy()
         table = self.input_batch.block_table[0]
-        rows, offsets, where, masked = [], [], [], []
-        for i, rid in enumerate(self.input_batch.req_ids):
-            rects = masks.get(rid)
-            if rects is not None:
-                masked.append(i)
-            a, q_len, end = int(qsl[i]), int(qsl[i + 1] - qsl[i]), int(seq_lens[i])
-            rows.append(MaskedRow(end - q_len, q_len, tuple(rects or ())))
-            offsets.append(a)
-            where.append((i, end))
-        kernel_block = self._kernel_block_sizes[0]
-        return MaskedBatch(rows, offsets, KernelBlockIds(table, where, kernel_block), kernel_block, masked)
+        return masked_batch(
+            masks,
+            self.input_batch.req_ids,
+            self.query_start_loc.np,
+            self.optimistic_seq_lens_cpu.numpy(),
+            lambda i, n: table.block_table.np[i, :n],
+            table.block_size,
+            self._kernel_block_sizes[0],
+        )
 
     def _build_attention_metadata(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)

@@ -12,7 +12,6 @@ caching, preemption) or refused per request (``per_request.py``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +103,7 @@ def _check_engine(vllm_config: VllmConfig, engine_args: EngineArgs | None) -> No
             "it bypasses vLLM's Python input processor, where each request is checked for what Multiverse "
             "decoding cannot serve exactly; unset it.",
         )
-    unaware = _unaware_logits_processors(vllm_config.model_config.logits_processors)
+    unaware = _unaware_logits_processors(vllm_config.model_config.logits_processors, vllm_config.use_v2_model_runner)
     if unaware:
         refuse(
             f"custom logits processors (--logits-processors {', '.join(unaware)})",
@@ -124,14 +123,18 @@ def _check_engine(vllm_config: VllmConfig, engine_args: EngineArgs | None) -> No
         refuse(f"--kv-cache-dtype {cache.cache_dtype}", "the merge copies KV entries in the model's dtype only.")
 
 
-def _unaware_logits_processors(processors: Collection[Any] | None) -> list[str]:
+def _unaware_logits_processors(processors: Collection[Any] | None, use_v2: bool) -> list[str]:
     """The processors, of types or "module:Class" names, that do not declare
-    themselves Multiverse-aware; resolved the way vLLM loads them."""
+    themselves Multiverse-aware; resolved the way vLLM loads them for the
+    runner (each runner has its own processor API and loader)."""
     if not processors:
         return []
-    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+    if use_v2:
+        from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns as load
+    else:
+        from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns as load
 
-    classes = _load_logitsprocs_by_fqcns(processors)
+    classes = load(processors)
     return [c.__qualname__ for c in classes if getattr(c, "multiverse_aware", False) is not True]
 
 
@@ -173,13 +176,6 @@ def _check_cpu(vllm_config: VllmConfig) -> None:
     _check_attention_backend(vllm_config, ("CPU_ATTN",))
     model_config = vllm_config.model_config
     cache = vllm_config.cache_config
-    if vllm_config.use_v2_model_runner:
-        # vLLM picks V2 by itself where Triton reports a CPU backend
-        # (triton-cpu installed), so the way out is the explicit 0.
-        refuse(
-            "Model Runner V2 on CPU",
-            "the runner hooks are written for the V1 runner; set VLLM_USE_V2_MODEL_RUNNER=0.",
-        )
     dtype = model_config.dtype
     if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         refuse("bfloat16 on this CPU", "it has no bf16 support (vLLM's CPU worker dies on it); pass --dtype float32.")
@@ -211,8 +207,6 @@ def _check_cuda(vllm_config: VllmConfig) -> None:
             "the masked rows run on vLLM's FlashAttention, FlashInfer or Triton backends and FlashInfer's "
             "masked prefill, all bf16/fp16; pass --dtype bfloat16 or float16.",
         )
-    if vllm_config.use_v2_model_runner:
-        refuse("Model Runner V2", "the runner hooks are written for the V1 runner; unset VLLM_USE_V2_MODEL_RUNNER.")
     _check_attention_backend(vllm_config, CUDA_BACKENDS)
 
 
@@ -223,12 +217,6 @@ def _check_attention_backend(vllm_config: VllmConfig, supported: tuple[str, ...]
             f"the attention backend {backend.name} (--attention-backend)",
             f"the masked rows are recomputed for {', '.join(supported)} only here.",
         )
-
-
-def check_runner_env(name: str) -> None:
-    """Model Runner V2 forced by the user on CUDA."""
-    if os.environ.get(name, "").strip().lower() in ("1", "true"):
-        refuse(f"Model Runner V2 ({name}=1)", "the runner hooks are written for the V1 runner; unset it.")
 
 
 def check_classes(scheduler_cls: Any, worker_cls: str, ours: str, workers: Collection[str]) -> None:

@@ -86,13 +86,13 @@ def multiverse_declaration(vllm_config: VllmConfig, cfg: MultiverseConfig) -> Mo
 
 def wants_v1_runner(vllm_config: VllmConfig) -> bool:
     """A Multiverse engine on CUDA whose config chose Model Runner V2 by
-    default: it is built again with the V1 runner (cuda/worker.py says why)."""
+    default, not by the user's ``VLLM_USE_V2_MODEL_RUNNER=1``: it is built
+    again with the V1 runner while vLLM has one (cuda/worker.py says why)."""
     if platform_name() != "cuda" or not vllm_config.use_v2_model_runner:
         return False
-    if multiverse_declaration(vllm_config, MultiverseConfig.of(vllm_config)) is None:
+    if os.environ.get(V2_ENV, "").strip().lower() in ("1", "true"):
         return False
-    validate.check_runner_env(V2_ENV)
-    return True
+    return multiverse_declaration(vllm_config, MultiverseConfig.of(vllm_config)) is not None
 
 
 def _choose_v1_runner() -> None:
@@ -103,7 +103,12 @@ def _choose_v1_runner() -> None:
     if V2_ENV not in os.environ:
         os.environ[V2_ENV] = "0"
         _set_v1_env = True
-    logger.info("Multiverse: the V1 model runner on CUDA (%s=0; docs/attention.md says why)", V2_ENV)
+    logger.info(
+        "Multiverse: the V1 model runner on CUDA (%s=0: vLLM 0.32 has it; %s=1 chooses Model Runner V2; "
+        "docs/attention.md says why)",
+        V2_ENV,
+        V2_ENV,
+    )
 
 
 def _forget_v1_runner() -> None:
@@ -137,8 +142,9 @@ def configure_engine(vllm_config: VllmConfig, engine_args: EngineArgs | None = N
         # The worker settles the route when FlashInfer's module is built or
         # loaded (cuda/worker.py).
         logger.info(
-            "Multiverse: V1 model runner; steps with masked rows (prompts holding Parallel blocks, recompute "
+            "Multiverse: %s; steps with masked rows (prompts holding Parallel blocks, recompute "
             "after preemption, sequential decoding) through %s, without full CUDA graphs",
+            "Model Runner V2" if vllm_config.use_v2_model_runner else "V1 model runner",
             "FlashInfer's masked paged prefill, built or loaded while the model loads (SDPA where it cannot be)"
             if cfg.masked_attention != "sdpa" and flashinfer
             else "SDPA over the gathered KV",

@@ -1,4 +1,6 @@
-"""``MultiverseCPUWorker``: vLLM 0.32.0's ``CPUWorker`` with the Multiverse runner."""
+"""``MultiverseCPUWorker``: vLLM 0.32.0's ``CPUWorker`` with the Multiverse
+runner: on V1 (vLLM's choice on this CPU build) or on Model Runner V2
+(vLLM's choice where Triton reports a CPU backend: tests/triton_cpu)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from vllm.v1.worker.cpu.model_runner import CPUModelRunner as CPUModelRunnerV2
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_multiverse.vllm032 import attention, check_vllm_version, patches
 from vllm_multiverse.vllm032.cpu.kv_layout import copy_vec_token_slots, gather_kv
+from vllm_multiverse.vllm032.log import init_logger
 from vllm_multiverse.vllm032.runner import MultiverseRunnerMixin
+from vllm_multiverse.vllm032.runner_v2 import MultiverseRunnerV2Mixin
+
+logger = init_logger(__name__)
 
 if TYPE_CHECKING:
     from vllm.v1.outputs import SamplerOutput
@@ -51,13 +58,26 @@ class MultiverseCPUModelRunner(MultiverseRunnerMixin, CPUModelRunner):
         self._mv_set_aside = {}
 
 
+class MultiverseCPUModelRunnerV2(MultiverseRunnerV2Mixin, CPUModelRunnerV2):
+    # V2 samples with counter-based noise keyed by seed and position, not
+    # with the CPU generators V1 has to set aside.
+    copy_kv_slots = staticmethod(copy_vec_token_slots)
+
+
+RUNNERS = {CPUModelRunner: MultiverseCPUModelRunner, CPUModelRunnerV2: MultiverseCPUModelRunnerV2}
+
+
 class MultiverseCPUWorker(CPUWorker):
     def init_device(self) -> None:
         check_vllm_version()
         # Before the model (and its attention layers) is built.
         attention.register(platform_is_cpu=True, gather=gather_kv)
         super().init_device()
-        # CPUWorker builds its runner inline (the V1 runner: start-up refused
-        # V2), so the class is swapped here.
-        assert type(self.model_runner) is CPUModelRunner, type(self.model_runner)
-        patches.use_runner_class(self, MultiverseCPUModelRunner)
+        # CPUWorker builds its runner inline, so the class is swapped here.
+        runner_cls = RUNNERS[type(self.model_runner)]
+        patches.use_runner_class(self, runner_cls)
+        logger.info(
+            "Multiverse: %s on CPU (vLLM's choice: %s)",
+            "Model Runner V2" if runner_cls is MultiverseCPUModelRunnerV2 else "the V1 model runner",
+            "Triton reports a CPU backend" if runner_cls is MultiverseCPUModelRunnerV2 else "no Triton CPU backend",
+        )

@@ -1,18 +1,13 @@
 """``MultiverseGPUWorker``: vLLM 0.32.0's CUDA ``Worker`` with the Multiverse
-runner, which is vLLM's V1 ``GPUModelRunner`` with the hooks the CPU runner
-(its subclass) runs as well, plus what only CUDA has: FlashInfer's masked
-prefill built or loaded while the model loads, and the masked route's
-per-step memory counted in vLLM's memory profile.
+runner, V1's ``GPUModelRunner`` or Model Runner V2's, each with the hooks
+the CPU runners (their subclasses) run as well, plus what only CUDA has:
+FlashInfer's masked prefill built or loaded while the model loads, and the
+masked route's per-step memory counted in vLLM's memory profile.
 
-Why V1 and not Model Runner V2 (vLLM 0.32's CUDA default): V2 computes the
-KV slot mapping from the positions it hands the model (``prepare_attn`` after
-``prepare_pos_seq_lens``), so the runner hooks' position patch would write
-KV to the wrong slots there; V2 takes Multiverse positions through its model
-state's ``prepare_inputs`` instead, and resumed requests arrive as new ones.
-V2 needs Triton, which vLLM's CPU build lacks, so none of that could be
-tested here, while V1 runs the same hook code as every CPU test. Start-up
-picks V1 for Multiverse engines (``VLLM_USE_V2_MODEL_RUNNER=0``, logged);
-docs/attention.md lists what a V2 port needs.
+Which runner: V1 while the installed vLLM has it, unless the user sets
+``VLLM_USE_V2_MODEL_RUNNER=1`` (``wiring.py``): V1 is the route the CUDA-side
+tests run through vLLM's own CUDA worker; V2 runs the same hooks as the V2
+CPU tests. vLLM 0.34 keeps only V2.
 """
 
 from __future__ import annotations
@@ -23,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.config import get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
+from vllm.v1.worker.gpu.model_runner import GPUModelRunner as GPUModelRunnerV2
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
@@ -33,6 +29,7 @@ from vllm_multiverse.vllm032 import attention, check_vllm_version, validate
 from vllm_multiverse.vllm032.attention import MaskedRowsImpl
 from vllm_multiverse.vllm032.log import init_logger
 from vllm_multiverse.vllm032.runner import MultiverseRunnerMixin
+from vllm_multiverse.vllm032.runner_v2 import MultiverseRunnerV2Mixin
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -40,8 +37,8 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 
-class MultiverseGPUModelRunner(MultiverseRunnerMixin, GPUModelRunner):
-    copy_kv_slots = staticmethod(copy_token_slots)
+class CudaMaskedRouteMixin:
+    """What both runners do on CUDA only."""
 
     def _multiverse_after_load(self) -> None:
         super()._multiverse_after_load()
@@ -98,6 +95,14 @@ class MultiverseGPUModelRunner(MultiverseRunnerMixin, GPUModelRunner):
             del held
 
 
+class MultiverseGPUModelRunner(CudaMaskedRouteMixin, MultiverseRunnerMixin, GPUModelRunner):
+    copy_kv_slots = staticmethod(copy_token_slots)
+
+
+class MultiverseGPUModelRunnerV2(CudaMaskedRouteMixin, MultiverseRunnerV2Mixin, GPUModelRunnerV2):
+    copy_kv_slots = staticmethod(copy_token_slots)
+
+
 class MultiverseGPUWorker(Worker):
     def __init__(self, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
         check_vllm_version()
@@ -106,7 +111,8 @@ class MultiverseGPUWorker(Worker):
         attention.register(platform_is_cpu=False)
         super().__init__(vllm_config, *args, **kwargs)
 
-    def _make_model_runner(self) -> GPUModelRunner:
-        if self.use_v2_model_runner:
-            raise RuntimeError("Multiverse decoding runs on the V1 model runner; start-up should have chosen it")
-        return MultiverseGPUModelRunner(self.vllm_config, self.device)
+    def runner_class(self) -> type[GPUModelRunner | GPUModelRunnerV2]:
+        return MultiverseGPUModelRunnerV2 if self.use_v2_model_runner else MultiverseGPUModelRunner
+
+    def _make_model_runner(self) -> GPUModelRunner | GPUModelRunnerV2:
+        return self.runner_class()(self.vllm_config, self.device)
