@@ -22,15 +22,20 @@ def llm(engines, tiny_model_dir):
     return engines.get(tiny_model_dir)
 
 
-
-
-def test_engine_is_multiverse(llm):
+def test_engine_is_multiverse_on_the_sessions_runner(llm):
+    from vllm_multiverse.vllm032.cpu.worker import MultiverseCPUModelRunner, MultiverseCPUModelRunnerV2
+    from vllm_multiverse.vllm032.runner_v2 import MultiverseModelState
     from vllm_multiverse.vllm032.scheduler import MultiverseScheduler
 
     assert isinstance(scheduler(llm), MultiverseScheduler)
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    if model_runner() == "v2":
+        assert type(runner) is MultiverseCPUModelRunnerV2 and isinstance(runner.model_state, MultiverseModelState)
+    else:
+        assert type(runner) is MultiverseCPUModelRunner
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, pytest.param(8, marks=pytest.mark.both_runners(v2="slow"))])
 def test_greedy_outputs_equal_the_reference(llm, batch):
     prompts = held_out_prompts(16)[: max(batch, 4)]
     sched = scheduler(llm)
@@ -110,6 +115,7 @@ def test_fork_shares_prefix_blocks_and_siblings_decode_together(llm):
     step_until(llm, lambda: not llm.llm_engine.has_unfinished_requests())
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_abort_parent_aborts_branches_and_frees_blocks(llm):
     sched = scheduler(llm)
     free0 = _free_blocks(llm)
@@ -243,6 +249,7 @@ def test_stop_token_ids_and_max_tokens_apply_in_text_order(llm):
             assert out.finish_reason == want.finish_reason
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_seeded_sampling_is_reproducible(llm):
     from vllm import SamplingParams
 
@@ -361,6 +368,7 @@ def test_an_abort_between_a_merge_and_its_copies_corrupts_nothing(llm):
     assert_idle(llm, free0)
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_abort_of_everything_frees_every_fork_stash_and_copy(llm):
     """vLLM's pause_scheduler("abort") (and its fault recovery) finish every
     request at once: forks in flight, stashed Paths, queued copies."""
@@ -381,6 +389,7 @@ def test_abort_of_everything_frees_every_fork_stash_and_copy(llm):
     assert list(out.token_ids) == reference_output(tuple(prompts[0]), MAX_TOKENS)[0]
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_request_counts_count_client_requests(llm):
     """vLLM's running/waiting counts (metrics, idle checks) count client
     requests: a parent parked at its fork is running, its branches are not
@@ -417,6 +426,7 @@ def test_n_parents_forking_at_once_stay_exact(llm):
     assert len({tuple(c) for c in children}) > 1
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_caps_hold_per_client_request(llm):
     """n > 1 children are one client request: together they run at most
     max_branches_per_request branches beside their siblings."""

@@ -124,6 +124,7 @@ def test_acceptance_200_prompts_prefix_caching_off_under_pressure(llm, batch):
     assert _idle(llm)
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_sequential_with_prefix_caching_off(llm):
     prompts = held_out_prompts(16)[:4]
     params = greedy(extra_args={"multiverse_sequential": True})

@@ -128,6 +128,7 @@ def test_logprobs_stream_live_with_their_rows(llm):
             assert got[tok].rank == 1 and got[tok].logprob == pytest.approx(ref_lp, abs=1e-3)
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_unseeded_sampling_streams_live_and_sends_the_engine_text(llm):
     """An unseeded sampled request's Paths are seeded from a seed drawn for
     it: its live text is what the engine's own request holds at the end."""
@@ -150,6 +151,7 @@ def test_paths_seed_is_drawn_for_unseeded_sampling():
     assert len(drawn) == 8 and all(0 <= s < 2**63 for s in drawn)
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_seeded_request_in_a_partial_prefill_beside_others(llm):
     """vLLM's CPU runner cannot move a CPU generator back after a partial
     prefill's discarded sample, and every sampled branch is seeded: a seeded

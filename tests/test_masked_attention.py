@@ -68,6 +68,7 @@ def test_sequential_equals_the_reference_and_uses_the_mask(llm):
     assert masked_rows(llm) > rows0
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_sequential_on_the_sdpa_route_equals_the_reference(llm, monkeypatch):
     """Where the CPU kernel is absent, the masked rows go through SDPA over
     K/V gathered by the block ids the runner reads off vLLM's table."""
@@ -84,6 +85,7 @@ def test_sequential_on_the_sdpa_route_equals_the_reference(llm, monkeypatch):
     assert calls
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_per_request_parallel_equals_sequential(llm):
     sched = scheduler(llm)
     forks0 = sched.trees.stats["forks"]
@@ -122,6 +124,7 @@ def test_prompt_holding_parallel_blocks_continues_like_the_reference(llm, mode):
     assert masked_rows(llm) > rows0
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_sequential_logprobs(llm):
     p = held_out_prompts(16)[0]
     out = llm.generate([{"prompt_token_ids": p}], greedy(logprobs=1), use_tqdm=False)[0].outputs[0]

@@ -240,7 +240,7 @@ def test_a_prompt_ending_at_goal_close_forks_at_once(llm, mv32b_dir, reference):
     assert list(out.token_ids) == reference.generate(prompt, max_tokens=MAX_TOKENS).token_ids
 
 
-@pytest.mark.both_runners
+@pytest.mark.both_runners(v2="slow")  # V2 samples over the 151,680-token vocabulary in Triton's interpreter
 @pytest.mark.parametrize("cut", list(CUTS))
 def test_continuations_agree_in_parallel_sequential_and_the_reference(llm, mv32b_dir, reference, cut):
     tok = _tokenizer(mv32b_dir)
