@@ -265,6 +265,7 @@ def test_seeded_sampling_is_reproducible(llm):
     assert any(run(seed) != a for seed in (8, 9, 10))
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_logprobs_come_for_every_token_in_text_order(llm):
     """Sampled tokens carry the branch's own logprobs (equal to the reference's
     masked-attention logprobs); engine-written tokens carry only themselves, 0.0."""

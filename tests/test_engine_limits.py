@@ -18,7 +18,7 @@ def llm(engines, tiny_model_dir):
     return engines.get(tiny_model_dir, max_model_len=MAX_MODEL_LEN, disable_log_stats=False)
 
 
-@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("sequential", [pytest.param(False, marks=pytest.mark.both_runners(v2="slow")), True])
 def test_max_model_len_cuts_the_text_in_order(llm, sequential):
     """Each branch alone fits the model length; the merged text must stop
     where the one sequence reaches it."""
@@ -47,6 +47,7 @@ def _histograms(llm) -> dict[str, tuple[int, float]]:
     return out
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_merged_outputs_carry_the_request_events(llm):
     """A prompt ending at </Goal> forks at once: its first output is a merge,
     and here its last too (max_tokens ends inside the block). Queue, prefill

@@ -41,6 +41,7 @@ def test_prefix_caching_off_means_no_cache_reads(llm):
     assert list(first.outputs[0].token_ids) == reference_output(tuple(prompt), 1500)[0]
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_batch_under_kv_pressure_preempts_and_stays_exact(llm):
     """Greedy requests equal the reference. Sampled ones (unseeded, with
     logprobs) get exactly the engine's own text, though trees whose live

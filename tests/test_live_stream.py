@@ -70,6 +70,7 @@ def _tokens():
     return read_model_declaration(json.loads((TINY_MODEL / "config.json").read_text())).tokens
 
 
+@pytest.mark.both_runners(v2="slow")  # minutes under Triton's interpreter
 def test_path_1_streams_live_and_nothing_sent_changes(llm):
     prompts = _block_prompts()
     assert len(prompts) >= 3

@@ -14,7 +14,12 @@ PARALLEL = {"multiverse_sequential": False}
 pytestmark = pytest.mark.both_runners
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["prefix-caching-on", "prefix-caching-off"])
+@pytest.fixture(
+    scope="module",
+    # Prefix caching off on V2: test_engine_pressure.py's engine, in the default share.
+    params=[True, pytest.param(False, marks=pytest.mark.both_runners(v2="slow"))],
+    ids=["prefix-caching-on", "prefix-caching-off"],
+)
 def llm(engines, tiny_model_dir, request):
     return engines.get(
         tiny_model_dir,
