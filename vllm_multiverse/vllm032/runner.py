@@ -21,7 +21,8 @@ from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 from vllm_multiverse.kernels.masked_attention import MaskedBatch
 from vllm_multiverse.structure import Rect
 from vllm_multiverse.tree import MultiverseStep
-from vllm_multiverse.vllm032 import patches, validate
+from vllm_multiverse.vllm032 import patches
+from vllm_multiverse.vllm032.runner_base import MultiverseRunnerBase
 from vllm_multiverse.vllm032.step_inputs import masked_batch, position_deltas
 
 if TYPE_CHECKING:
@@ -50,33 +51,17 @@ class MultiverseCudagraphDispatcher(CudagraphDispatcher):
         return super().dispatch(*args, valid_modes=valid_modes, invalid_modes=invalid_modes, **kwargs)
 
 
-class MultiverseRunnerMixin:
-    # Set by the subclass for its platform: (kv_caches, copies) -> None.
-    copy_kv_slots = None
+class MultiverseRunnerMixin(MultiverseRunnerBase):
     # The step being prepared; vLLM's dummy runs (profiling, CUDA graph
     # capture) have none.
     _mv_step = _EMPTY
 
-    def load_model(self, *args: Any, **kwargs: Any) -> None:
-        super().load_model(*args, **kwargs)
-        self._multiverse_after_load()
-
     def _multiverse_after_load(self) -> None:
-        """What the model's built attention layers decide (``load_model``,
-        after vLLM's own)."""
-        validate.check_attention_layers(self.vllm_config)
+        super()._multiverse_after_load()
         patches.use_dispatcher_class(self, MultiverseCudagraphDispatcher)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> Callable | None:
-        step = patches.received_step(scheduler_output)
-        if step is None:
-            # Without its step data a step would decode with token-index
-            # positions and without the merge's copies: wrong tokens, silently.
-            raise RuntimeError(
-                "Multiverse worker: a step arrived without its Multiverse step data "
-                "(SchedulerOutput.multiverse), which the Multiverse scheduler sets on every step; "
-                "the transport between scheduler and workers dropped it"
-            )
+        step = self.multiverse_step(scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
         # A merged parent resumes with tokens the runner has not seen (the
         # Paths and the Conclusion header); the sync V1 runner would keep its

@@ -33,7 +33,8 @@ from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor, CudaGra
 from vllm.v1.worker.gpu.model_states.interface import ModelState
 
 from vllm_multiverse.tree import MultiverseStep
-from vllm_multiverse.vllm032 import patches, validate
+from vllm_multiverse.vllm032 import patches
+from vllm_multiverse.vllm032.runner_base import MultiverseRunnerBase
 from vllm_multiverse.vllm032.step_inputs import masked_batch, position_deltas
 
 if TYPE_CHECKING:
@@ -155,19 +156,7 @@ def graph_manager_class(base: type) -> type:
     return type(f"Multiverse{base.__name__}", (MaskedStepGraphs, base), {})
 
 
-class MultiverseRunnerV2Mixin:
-    # Set by the subclass for its platform: (kv_caches, copies) -> None.
-    copy_kv_slots = None
-
-    def load_model(self, *args: Any, **kwargs: Any) -> None:
-        super().load_model(*args, **kwargs)
-        self._multiverse_after_load()
-
-    def _multiverse_after_load(self) -> None:
-        """What the model's built attention layers decide (``load_model``,
-        after vLLM's own)."""
-        validate.check_attention_layers(self.vllm_config)
-
+class MultiverseRunnerV2Mixin(MultiverseRunnerBase):
     def initialize_kv_cache(self, *args: Any, **kwargs: Any) -> None:
         super().initialize_kv_cache(*args, **kwargs)
         # The block tables and the graph manager are built here; vLLM's
@@ -180,15 +169,7 @@ class MultiverseRunnerV2Mixin:
             patches.use_graph_manager_class(self, graph_manager_class(type(self.cudagraph_manager)))
 
     def update_requests(self, scheduler_output: SchedulerOutput) -> None:
-        step = patches.received_step(scheduler_output)
-        if step is None:
-            # Without its step data a step would decode with token-index
-            # positions and without the merge's copies: wrong tokens, silently.
-            raise RuntimeError(
-                "Multiverse worker: a step arrived without its Multiverse step data "
-                "(SchedulerOutput.multiverse), which the Multiverse scheduler sets on every step; "
-                "the transport between scheduler and workers dropped it"
-            )
+        step = self.multiverse_step(scheduler_output)
         fixed = self._stage_written_tokens(step, scheduler_output)
         super().update_requests(scheduler_output)
         if fixed:
