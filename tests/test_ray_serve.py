@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -117,6 +118,9 @@ def serve_app(tmp_path_factory):
         [str(BIN / "serve"), "run", "--address", f"127.0.0.1:{gcs}", str(TINY_CONFIG.relative_to(ROOT))],
         cwd=ROOT,
         env=env,
+        # Ctrl-C must reach it even where this test runs with SIGINT ignored
+        # (a shell's background job), which a child inherits.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=serve_log,
         stderr=subprocess.STDOUT,
     )
