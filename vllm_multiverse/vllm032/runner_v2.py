@@ -199,9 +199,11 @@ class MultiverseRunnerV2Mixin(MultiverseRunnerBase):
         inputs from the request's tokens there and samples after the last.
         Staged before vLLM's ``update_requests``, which derives the prefill
         counts; the requests changed."""
+        fixed: set[str] = set()
+        if not step.token_fixes:  # most steps
+            return fixed
         states = self.req_states
         new = {r.req_id for r in scheduler_output.scheduled_new_reqs}
-        fixed = set()
         for rid, (start, tokens) in step.token_fixes.items():
             i = states.req_id_to_index.get(rid)
             if i is None or rid in new:  # a new request's prefill holds its whole text
