@@ -21,4 +21,4 @@ test-all: setup
 
 model: setup
 	$(PY) -m tiny_model.train --out models/multiverse-tiny
-	$(PY) -m tiny_model.evaluate models/multiverse-tiny --n 200 --out models/multiverse-tiny/eval.json --card
+	$(PY) -m tiny_model.evaluate models/multiverse-tiny --out models/multiverse-tiny/eval.json --card

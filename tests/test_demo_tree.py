@@ -53,3 +53,22 @@ def test_degree_of_parallelism_counts_the_longest_path():
     outer2 = len(ids("<Path> NL o2 : c c </Path> NL"))
     critical = len(NESTED) - outer1 - outer2 + max(outer1_critical, outer2)
     assert parallelism(NESTED, TOKENS) == len(NESTED) / critical
+
+
+def test_make_demo_runs_end_to_end():
+    """The README's first command: the demo starts `vllm serve` on the
+    bundled model, asks each demo prompt in parallel and in sequential mode,
+    and prints each answer's check. Run as a user runs it (its own process,
+    its own server)."""
+    import subprocess
+    import sys
+
+    from tiny_model.demo import DEMO_TASKS
+
+    run = subprocess.run([sys.executable, "-m", "tiny_model.demo"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    prompts = [line for line in run.stdout.splitlines() if line.startswith("Prompt: ")]
+    assert prompts == [f"Prompt: {t.prompt()}" for t in DEMO_TASKS]
+    answers = [line for line in run.stdout.splitlines() if line.startswith("Answer: ")]
+    assert answers == [f"Answer: {t.answer()}  (right)" for t in DEMO_TASKS], run.stdout[-3000:]
+    assert run.stdout.count("(same tokens)") == len(DEMO_TASKS)

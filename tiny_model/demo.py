@@ -15,9 +15,20 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tiny_model.tasks import make_task
 from vllm_multiverse.structure import EventKind, StructureConfig, analyze
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny"
+
+# One prompt of each kind, from the test set (never trained on), written
+# down before the model they show was trained: a plain answer, one block
+# of eight Paths, two rounds, a split Path with its nested block.
+DEMO_TASKS = (
+    make_task("plain", 29, 4),
+    make_task("block 8", 37),
+    make_task("rounds 4+4", 10),
+    make_task("split 5", 96),
+)
 
 
 def draw_tree(token_ids, prompt_len: int, tokens, tok) -> str:
@@ -101,14 +112,10 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from tiny_model.tasks import extract_answer
-    from tiny_model.train import held_out_tasks
-    from vllm_multiverse.model_config import read_multiverse_config
+    from vllm_multiverse.model_config import read_model_declaration
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    mv = read_multiverse_config(json.loads((MODEL_DIR / "config.json").read_text())).tokens
-    tasks = held_out_tasks(200)
-    picks = [next(t for t in tasks if not t.parallel), tasks[0], next(t for t in tasks if len(t.rounds) > 1)]
-    picks.append(next(t for t in tasks if t.split is not None))
+    mv = read_model_declaration(json.loads((MODEL_DIR / "config.json").read_text())).tokens
 
     try:
         proc, base = start_server(Path(tempfile.mkdtemp(prefix="mv-demo-")) / "server.log")
@@ -117,7 +124,7 @@ def main() -> int:
         return 1
     try:
         client = OpenAI(base_url=base + "/v1", api_key="none", timeout=600)
-        for task in picks:
+        for task in DEMO_TASKS:
             messages = [{"role": "user", "content": task.prompt()}]
 
             def ask(sequential: bool, messages=messages):

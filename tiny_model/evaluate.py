@@ -1,38 +1,59 @@
-"""Measure a Multiverse model on held-out prompts with the reference decoder.
+"""Measure the tiny Multiverse model three ways, none drawn from its training mix.
 
-    python -m tiny_model.evaluate models/multiverse-tiny --n 200
+    python -m tiny_model.evaluate models/multiverse-tiny --out eval.json --card
 
-Per prompt: is the structure well formed and the one the prompt calls for
-(a block per round, a nested block for a split sub-task, no block for a
-plain prompt), is the final answer
-exactly right, and the ideal speedup of the output: generated tokens over the
-tokens on the critical path (each block counted by its longest Path), read
-off the structure module's engine-convention positions.
+1. The fixed test set (`tasks.stratified_test_set`: every kind and N, 14
+   start numbers each, never trained on), generated greedily with the
+   reference decoder. Per prompt: is the whole completion the task's, is
+   the answer line right, is the structure the one the task calls for (a
+   block per round, a nested block for a split, the Outline, Path and
+   Conclusion labels of the task), and the ideal speedup of the output.
+2. The sweep: every prompt of the task (`tasks.all_tasks`) teacher-forced
+   with its right completion. The first token where the model's argmax
+   differs is where greedy decoding leaves the right completion, so no
+   difference means greedy decoding writes exactly that completion; the
+   prompts that differ are then generated for their answers. Exact up to
+   ties between logits.
+3. The Reduce check: in each parallel test prompt, each Path that does
+   additions in turn is started at another number (`Task.moved`) and the
+   completion teacher-forced: every Conclusion line and the answer must
+   follow it. Reported beside it, strict: everything the model writes
+   after that number must follow (that Path's own additions from a start
+   it rarely sees, a split Path's sum of its halves).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import time
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tiny_model.tasks import Task, extract_answer
-from tiny_model.train import chat_prompt, held_out_tasks
+from tiny_model.tasks import ANSWER_CUE, Task, all_tasks, extract_answer, kinds, stratified_test_set
+from tiny_model.train import chat_prompt, moved_start
 from vllm_multiverse.reference import ReferenceDecoder
 from vllm_multiverse.structure import EventKind, StructureConfig, analyze
+
+MAX_TOKENS = 2048
+PERTURB_SEED = 20_000  # the moved Paths' start numbers
 
 
 @dataclass
 class PromptResult:
     prompt: str
+    kind: str
     parallel: bool
-    well_formed: bool
-    correct: bool
+    well_formed: bool  # the blocks, Outlines, Paths and Conclusion lines the task calls for
+    exact: bool  # the whole completion is the task's
+    correct: bool  # the answer line is the task's
     output_tokens: int
     critical_path: int
 
@@ -49,168 +70,215 @@ def critical_path(token_ids, prompt_len: int, tokens) -> int:
     return int(pos[-1] - pos[prompt_len - 1])
 
 
+_GOAL = re.compile(r"<Goal>\n(.*?)</Goal>", re.DOTALL)
+_CONCLUSION = re.compile(r"<Conclusion>\n(.*?)</Conclusion>", re.DOTALL)
+_OUTLINE_LABEL = re.compile(r"<Outline>\n([0-9.]+):")
+_PATH_LABEL = re.compile(r"<Path>\n([0-9.]+):")
+_LINE_LABEL = re.compile(r"^#([0-9.]+)=", re.MULTILINE)
+
+
+def layout(text: str) -> tuple:
+    """The labels of every Goal's Outlines, of the Paths and of every
+    Conclusion's lines, in text order."""
+    return (
+        [_OUTLINE_LABEL.findall(g) for g in _GOAL.findall(text)],
+        _PATH_LABEL.findall(text),
+        [_LINE_LABEL.findall(c) for c in _CONCLUSION.findall(text)],
+    )
+
+
 def judge(task: Task, prompt_ids, out_ids, tokens, tok) -> PromptResult:
     seq = list(prompt_ids) + list(out_ids)
     s = analyze(seq, tokens)
     forks = [e.depth for e in s.events if e.kind is EventKind.FORK and e.index >= len(prompt_ids)]
     concls = sum(e.kind is EventKind.CONCLUSION and e.index >= len(prompt_ids) for e in s.events)
-    # The blocks the prompt calls for: one per round, and one nested block
-    # in the split sub-task's Path.
+    text = tok.decode(out_ids, skip_special_tokens=False)
+    gold = task.completion()
+    # The blocks the task calls for (one per round, one nested block in the
+    # split Path), and in them its labels: a block that counts right but
+    # holds a Path too many or too few is not.
     well = (
         s.well_formed
         and len(forks) == concls
         and forks.count(1) == (len(task.rounds) if task.parallel else 0)
         and forks.count(2) == (task.split is not None)
         and max(forks, default=0) <= 2
+        and layout(text) == layout(gold)
     )
-    text = tok.decode(out_ids, skip_special_tokens=False)
+    gold_ids = tok.encode(gold, add_special_tokens=False) + [tok.eos_token_id]
     return PromptResult(
         prompt=task.prompt(),
+        kind=task.kind,
         parallel=task.parallel,
         well_formed=well,
+        exact=list(out_ids) == gold_ids,
         correct=extract_answer(text) == task.answer(),
         output_tokens=len(out_ids),
         critical_path=critical_path(seq, len(prompt_ids), tokens),
     )
 
 
-def summarize(results: list[PromptResult]) -> dict:
-    par = [r for r in results if r.parallel]
-    return {
-        "prompts": len(results),
-        "parallel_prompts": len(par),
-        "well_formed_parallel": float(np.mean([r.well_formed for r in par])) if par else None,
-        "well_formed_all": float(np.mean([r.well_formed for r in results])),
-        "answer_exact": float(np.mean([r.correct for r in results])),
-        "ideal_speedup_mean": float(np.mean([r.ideal_speedup for r in results])),
-        "ideal_speedup_mean_parallel": float(np.mean([r.ideal_speedup for r in par])) if par else None,
-        "output_tokens_mean": float(np.mean([r.output_tokens for r in results])),
-    }
+class Evaluator:
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.dec = ReferenceDecoder.from_pretrained(model_dir)
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(self, task: Task) -> tuple[list[int], int]:
+        """The task's prompt and right completion (EOS included), and the prompt's length."""
+        p = self.tok.encode(chat_prompt(self.tok, task.prompt()), add_special_tokens=False)
+        c = self.tok.encode(task.completion(), add_special_tokens=False) + [self.tok.eos_token_id]
+        return p + c, len(p)
+
+    def generate(self, task: Task) -> PromptResult:
+        prompt_ids = self.tok.encode(chat_prompt(self.tok, task.prompt()), add_special_tokens=False)
+        out = self.dec.generate(prompt_ids, max_tokens=MAX_TOKENS)
+        return judge(task, prompt_ids, out.token_ids, self.dec.tokens, self.tok)
+
+    @torch.no_grad()
+    def forced_misses(self, ids: list[int], prompt_len: int, skip: range = range(0)) -> list[int]:
+        """Indices of the completion's tokens the model would not write next
+        (argmax) with the right text before them: engine-written tokens and
+        `skip` aside."""
+        s = analyze(ids, self.dec.tokens, self.dec.config)
+        written = {e.index + 1 + j for e in s.events for j in range(len(e.write))}
+        pred = self.dec.forward_logits(ids).argmax(-1).tolist()
+        return [
+            i for i in range(prompt_len, len(ids))
+            if pred[i - 1] != ids[i] and i not in written and i not in skip
+        ]
+
+    def sweep_one(self, task: Task) -> dict:
+        ids, plen = self.encode(task)
+        if not self.forced_misses(ids, plen):
+            return {"prompt": task.prompt(), "kind": task.kind, "exact": True, "correct": True}
+        r = self.generate(task)
+        return {"prompt": task.prompt(), "kind": task.kind, "exact": r.exact, "correct": r.correct}
+
+    def perturbed(self, task: Task, label: str, start: int) -> tuple[bool, bool]:
+        """When the Path `label` starts at `start`: do the Conclusions and the
+        answer follow (the Reduce), and does everything the model writes
+        after that number follow (strict: that Path's own additions from an
+        unusual start and a split Path's sum of its halves too)?"""
+        moved = replace(task, moved=((label, start),))
+        ids, plen = self.encode(moved)
+        misses = self.forced_misses(ids, plen, skip=moved_start(self.tok, self.dec.tokens, ids, label))
+        reduce = self.reduce_tokens(ids, plen)
+        return not any(i in reduce for i in misses), not misses
+
+    def reduce_tokens(self, ids: list[int], prompt_len: int) -> set[int]:
+        """Indices of what the Reduce writes: every Conclusion's lines and the answer."""
+        t, out, depth = self.dec.tokens, set(), 0
+        answer = self.tok.convert_tokens_to_ids(ANSWER_CUE)
+        for i in range(prompt_len, len(ids)):
+            if ids[i] == t.conclusion_close:
+                depth -= 1
+            if depth > 0:
+                out.add(i)
+            if ids[i] == t.conclusion_open:
+                depth += 1
+            if ids[i] == answer:
+                out.update(range(i + 1, len(ids)))
+                break
+        return out
 
 
-@torch.no_grad()
-def evaluate(model_dir: Path, n: int, max_tokens: int = 2048) -> tuple[dict, list[PromptResult]]:
-    torch.set_num_threads(2)
-    dec = ReferenceDecoder.from_pretrained(model_dir)
-    from transformers import AutoTokenizer
+def moves(tasks: Iterable[Task], seed: int = PERTURB_SEED) -> list[tuple[Task, str, int]]:
+    """Every Path that does additions, of every parallel task, each with
+    another start number from 10 to 99."""
+    rng = random.Random(seed)
+    out = []
+    for task in tasks:
+        if task.parallel:
+            for label in task.leaf_labels():
+                start = rng.choice([s for s in range(10, 100) if s != task.path_start(label)])
+                out.append((task, label, start))
+    return out
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    results = []
+
+def _rate(flags: list[bool]) -> float | None:
+    return float(np.mean(flags)) if flags else None
+
+
+def per_kind(rows: list[dict], fields: tuple[str, ...]) -> dict:
+    by = defaultdict(list)
+    for r in rows:
+        by[r["kind"]].append(r)
+    return {k: {"n": len(by[k]), **{f: _rate([r[f] for r in by[k]]) for f in fields}} for k in kinds() if by[k]}
+
+
+def evaluate(model_dir: Path, sweep: bool = True, threads: int = 2, log=print) -> dict:
+    torch.set_num_threads(threads)
+    ev = Evaluator(model_dir)
+    out: dict = {"training": json.loads((model_dir / "training.json").read_text())}
     t0 = time.time()
-    for task in held_out_tasks(n):
-        prompt_ids = tok.encode(chat_prompt(tok, task.prompt()), add_special_tokens=False)
-        out = dec.generate(prompt_ids, max_tokens=max_tokens)
-        results.append(judge(task, prompt_ids, out.token_ids, dec.tokens, tok))
-    summary = summarize(results)
-    summary["seconds"] = round(time.time() - t0, 1)
-    return summary, results
-
-
-CARD = """---
-license: apache-2.0
-tags: [multiverse, vllm-multiverse, tiny]
----
-# multiverse-tiny
-
-A {params:,}-parameter Qwen2-architecture model trained from scratch, with
-Multiverse attention and positions from `vllm_multiverse.structure`, to write
-Multiverse MapReduce structure on a synthetic task. It exists to test and
-demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
-
-- Task (`tiny_model/tasks.py`): "Start at S and add k seven
-  times, for k = 1 to N." (S from 10 to 99). One Outline and one Path per k
-  (N from 2 to 8); Path k writes its seven additions and ends with
-  `{{label}}={{result}}`, the Conclusion lists every `label=result`, and
-  `Answer:` lists the results. A single k gets a plain answer (no Parallel
-  block); "k = 1 to 3, then k = 4 to 6" gives two blocks one after the
-  other (always of equal size: the model does not read where a second
-  round of another size ends); "Split k = 1 in halves." gives a block
-  nested in Path 1. The
-  label is the sub-task's data, so a Path needs nothing from the prompt but
-  S: the model does not look things up by label (an earlier format, with
-  each Path's data under its label in the prompt, was not learned at this
-  size; a split of any k nested in 5 of 41 prompts).
-- Format: the authors' (twelve tag tokens, every tag on its own line,
-  "Let's think in parallel." before each block, labels `1:`, nested `1.1:`),
-  with the engine-written headers `\\n<Path>\\n{{label}}` and `<Conclusion>\\n`.
-  `config.json["multiverse"]` declares the tag ids, the headers and the
-  position convention ({positions}).
-- Tokenizer: one token per character, the tags and ChatML markers as special
-  tokens, "Let's think in parallel." and "Answer:" as single tokens; EOS is
-  `<|im_end|>`.
-- Architecture: {layers} layers, hidden {hidden}, {heads} heads of 64, float32.
-- Training: `make model` (= `python -m tiny_model.train --out
-  models/multiverse-tiny --seed {seed}` then this evaluation), {steps} steps of
-  {batch} rows of up to {row_tokens} tokens (examples packed side by side,
-  {examples:,} examples in all), AdamW lr {lr}, {train_seconds:.0f} s on 2 CPU
-  cores.
-
-## Measured (reference decoder, greedy, {prompts} held-out prompts)
-
-| metric | value |
-|---|---|
-| well-formed structure with the blocks the prompt calls for, parallel prompts ({parallel_prompts}) | {well_formed_parallel:.1%} |
-| the same, all prompts | {well_formed_all:.1%} |
-| final answer exactly right | {answer_exact:.1%} |
-| mean ideal speedup (output tokens / critical-path tokens), all prompts | {ideal_speedup_mean:.2f} |
-| mean ideal speedup, parallel prompts | {ideal_speedup_mean_parallel:.2f} |
-| mean output tokens | {output_tokens_mean:.0f} |
-
-Reproduce: `python -m tiny_model.evaluate models/multiverse-tiny --n {prompts}`.
-{weakness}"""
-
-WEAKNESS = """
-## Known weakness
-
-Final answers miss the 90% target. The model is a test vehicle for the
-engine (its outputs are compared token by token with the sequential
-reference), not an arithmetic model.
-"""
-
-
-def write_card(model_dir: Path, summary: dict) -> None:
-    meta = json.loads((model_dir / "training.json").read_text())
-    tc = meta["train_config"]
-    cfg = json.loads((model_dir / "config.json").read_text())
-    from safetensors import safe_open
-
-    with safe_open(model_dir / "model.safetensors", "pt") as f:
-        params = sum(f.get_tensor(k).numel() for k in f.keys())
-    (model_dir / "README.md").write_text(
-        CARD.format(
-            params=params,
-            positions=cfg["multiverse"]["positions"],
-            layers=tc["layers"],
-            hidden=tc["hidden_size"],
-            heads=tc["heads"],
-            seed=tc["seed"],
-            steps=tc["steps"],
-            batch=tc["batch_size"],
-            row_tokens=tc["row_tokens"],
-            examples=meta["examples"],
-            lr=tc["lr"],
-            train_seconds=meta["train_seconds"],
-            weakness=WEAKNESS if summary["answer_exact"] < 0.9 else "",
-            **summary,
-        )
-    )
+    results = [ev.generate(t) for t in stratified_test_set()]
+    rows = [asdict(r) for r in results]
+    par = [r for r in results if r.parallel]
+    out["test"] = {
+        "prompts": len(results),
+        "exact": _rate([r.exact for r in results]),
+        "correct": _rate([r.correct for r in results]),
+        "well_formed": _rate([r.well_formed for r in results]),
+        "ideal_speedup_mean_parallel": _rate([r.ideal_speedup for r in par]),
+        "ideal_speedup_mean": _rate([r.ideal_speedup for r in results]),
+        "output_tokens_mean": _rate([r.output_tokens for r in results]),
+        "per_kind": per_kind(rows, ("exact", "correct", "well_formed")),
+        "seconds": round(time.time() - t0, 1),
+    }
+    out["test_results"] = rows
+    log(f"test set: {out['test']['exact']:.1%} exact, {out['test']['seconds']} s")
+    t0 = time.time()
+    checks = moves(stratified_test_set())
+    follows = []
+    for t, lab, s in checks:
+        reduce, strict = ev.perturbed(t, lab, s)
+        follows.append({"prompt": t.prompt(), "kind": t.kind, "label": lab, "start": s, "follows": reduce,
+                        "strict": strict})
+    out["perturbation"] = {
+        "checks": len(follows),
+        "follows": _rate([f["follows"] for f in follows]),
+        "strict": _rate([f["strict"] for f in follows]),
+        "per_kind": per_kind(follows, ("follows", "strict")),
+        "misses": [f for f in follows if not f["strict"]],
+        "seconds": round(time.time() - t0, 1),
+    }
+    log(f"perturbation: {out['perturbation']['follows']:.1%} follow ({out['perturbation']['strict']:.1%} strict), "
+        f"{out['perturbation']['seconds']} s")
+    if sweep:
+        t0 = time.time()
+        swept = [ev.sweep_one(t) for t in all_tasks()]
+        out["sweep"] = {
+            "prompts": len(swept),
+            "exact": _rate([r["exact"] for r in swept]),
+            "correct": _rate([r["correct"] for r in swept]),
+            "per_kind": per_kind(swept, ("exact", "correct")),
+            "misses": [r for r in swept if not r["exact"]],
+            "seconds": round(time.time() - t0, 1),
+        }
+        log(f"sweep: {out['sweep']['exact']:.1%} exact, {out['sweep']['seconds']} s")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--out", type=Path, help="write the summary and per-prompt results here (JSON)")
+    ap.add_argument("--out", type=Path, help="write everything measured here (JSON)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the whole-space sweep")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--card", action="store_true", help="write the model card (README.md) into model_dir")
+    ap.add_argument("--seeds", type=Path, nargs="+", help="eval.json of every seed of the recipe, for the card")
+    ap.add_argument("--seeds-note", default="", help="which seed ships, and why (the card's words)")
     args = ap.parse_args()
-    summary, results = evaluate(args.model_dir, args.n)
-    print(json.dumps(summary, indent=1))
+    out = evaluate(args.model_dir, sweep=not args.no_sweep, threads=args.threads)
     if args.out:
-        args.out.write_text(
-            json.dumps({"summary": summary, "results": [asdict(r) for r in results]}, indent=1) + "\n"
-        )
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.card:
-        write_card(args.model_dir, summary)
+        from tiny_model.card import write_card
+
+        runs = [json.loads(p.read_text()) for p in args.seeds] if args.seeds else None
+        write_card(args.model_dir, out, runs, args.seeds_note)
 
 
 if __name__ == "__main__":

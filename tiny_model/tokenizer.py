@@ -13,7 +13,7 @@ from __future__ import annotations
 from transformers import AddedToken
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-from tiny_model.tasks import ANSWER_CUE, PARALLEL_CUE
+from tiny_model.tasks import ANSWER_CUE, PARALLEL_CUE, result_labels, result_mark
 from vllm_multiverse.structure import TAG_NAMES
 
 EOS = "<|endoftext|>"
@@ -23,6 +23,9 @@ SPECIALS = (EOS, IM_START, IM_END, *TAG_NAMES)
 # Fixed phrases the model writes often are one token each: cheaper
 # sequential steps, same text.
 PHRASES = (PARALLEL_CUE, ANSWER_CUE)
+# "#3=", the mark before Path 3's result: one token, so that the
+# Conclusion finds each result by a single token (tasks.py, `_conclusion`).
+RESULT_MARKS = tuple(result_mark(label) for label in result_labels())
 
 # The ChatML template Qwen2.5 uses, without its default system prompt: the
 # tiny model was trained without one.
@@ -61,7 +64,7 @@ def build_tokenizer(tags: bool = True) -> Qwen2Tokenizer:
     tok.add_special_tokens(
         {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in specials[1:]]}
     )
-    tok.add_tokens([AddedToken(p, normalized=False) for p in PHRASES])
+    tok.add_tokens([AddedToken(p, normalized=False) for p in PHRASES + RESULT_MARKS])
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
