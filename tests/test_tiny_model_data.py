@@ -5,6 +5,7 @@ from collections import Counter
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from tiny_model.tasks import (
@@ -23,12 +24,14 @@ from tiny_model.tasks import (
 from tiny_model.tokenizer import build_tokenizer
 from tiny_model.train import (
     RowPacker,
+    SeedMissedS,
     TrainConfig,
     build_model,
     chat_prompt,
     collate,
     encode_example,
     moved_start,
+    read_s_gate,
 )
 from vllm_multiverse.structure import EventKind, MultiverseTokens, StructureConfig, analyze
 
@@ -271,6 +274,19 @@ def test_training_is_deterministic_and_learns():
     (l1, w1), (l2, w2) = run(), run()
     assert l1 == l2 and torch.equal(w1, w2)
     assert l1[-1] < l1[0]
+
+
+def test_the_gate_stops_a_run_that_has_not_learnt_to_read_s(tmp_path):
+    # An untrained model starts no Path at S: the gate must stop the run
+    # with the reason and the remedy, not train on.
+    torch.manual_seed(0)
+    cfg = TrainConfig(layers=1, seed=7)
+    model = build_model(cfg, TOK)
+    before = torch.get_rng_state()
+    reason = r"seed 7 has not learnt to read S by step 900: \d+ of \d+ Path starts.*--seed"
+    with pytest.raises(SeedMissedS, match=reason):
+        read_s_gate(model, TOK, TOKENS, tmp_path / "gate", cfg, prompts=2)
+    assert torch.equal(torch.get_rng_state(), before)  # the run goes on as if the gate had not looked
 
 
 def test_judge_asks_for_the_structure_and_the_labels_the_task_calls_for():

@@ -83,12 +83,13 @@ Reproduce: `python -m tiny_model.evaluate models/multiverse-tiny --out models/mu
 SEEDS = """
 ## Seeds
 
-The same recipe and number of steps, other seeds (whole completion right;
-worst kind: its lowest per-kind figure; the threads and the machine's load
+Seeds of this recipe and of a variant (recipe: steps, and the share of
+Paths moved, "0.1-0.4" rising over the run; whole completion right; worst
+kind: its lowest per-kind figure; the threads and the machine's load
 differ, see the note):
 
-| seed | training s | test set | worst kind, test set | sweep | worst kind, sweep | Reduce check | strict |
-|---|---|---|---|---|---|---|---|
+| seed | recipe | training s | test set | worst kind, test set | sweep | worst kind, sweep | Reduce check | strict |
+|---|---|---|---|---|---|---|---|---|
 {rows}
 
 {note}
@@ -105,10 +106,24 @@ def _worst(per_kind: dict, field: str) -> str:
     return f"{per_kind[kind][field]:.1%} ({kind})"
 
 
+def moved_share(tc: dict) -> str:
+    start = tc.get("moved_from", tc["moved"])
+    if start == tc["moved"]:
+        return f"{tc['moved']}"
+    return f"{start} at the first step, rising linearly to {tc['moved']} at the last"
+
+
+def recipe(tc: dict) -> str:
+    start = tc.get("moved_from", tc["moved"])
+    moved = f"{tc['moved']}" if start == tc["moved"] else f"{start}-{tc['moved']}"
+    return f"{tc['steps']:,} steps, moved {moved}"
+
+
 def seed_row(ev: dict) -> str:
     t, sw, pt = ev["training"], ev.get("sweep"), ev["perturbation"]
     return (
-        f"| {t['train_config']['seed']} | {t['train_seconds']:.0f} | {_pct(ev['test']['exact'], 2)} "
+        f"| {t['train_config']['seed']} | {recipe(t['train_config'])} | {t['train_seconds']:.0f} "
+        f"| {_pct(ev['test']['exact'], 2)} "
         f"| {_worst(ev['test']['per_kind'], 'exact')} | {_pct(sw and sw['exact'], 2)} "
         f"| {_worst(sw['per_kind'], 'exact') if sw else '-'} | {_pct(pt['follows'], 2)} "
         f"| {_pct(pt.get('strict'), 2)} |"
@@ -153,7 +168,7 @@ def write_card(model_dir: Path, ev: dict, seed_runs: list[dict] | None = None, n
             examples=meta["examples"],
             fillers=meta["plain_fillers"],
             moved=meta["moved_paths"],
-            moved_p=tc["moved"],
+            moved_p=moved_share(tc),
             train_seconds=meta["train_seconds"],
             train_cpu_seconds=meta["train_cpu_seconds"],
             test_prompts=test["prompts"],

@@ -144,10 +144,7 @@ class Evaluator:
         s = analyze(ids, self.dec.tokens, self.dec.config)
         written = {e.index + 1 + j for e in s.events for j in range(len(e.write))}
         pred = self.dec.forward_logits(ids).argmax(-1).tolist()
-        return [
-            i for i in range(prompt_len, len(ids))
-            if pred[i - 1] != ids[i] and i not in written and i not in skip
-        ]
+        return [i for i in range(prompt_len, len(ids)) if pred[i - 1] != ids[i] and i not in written and i not in skip]
 
     def sweep_one(self, task: Task) -> dict:
         ids, plen = self.encode(task)
@@ -166,6 +163,18 @@ class Evaluator:
         misses = self.forced_misses(ids, plen, skip=moved_start(self.tok, self.dec.tokens, ids, label))
         reduce = self.reduce_tokens(ids, plen)
         return not any(i in reduce for i in misses), not misses
+
+    def misread_starts(self, task: Task) -> tuple[int, int]:
+        """Of the Paths that start at S, how many the model starts wrong
+        (teacher-forced), and how many there are."""
+        ids, plen = self.encode(task)
+        misses = set(self.forced_misses(ids, plen))
+        starts = [
+            moved_start(self.tok, self.dec.tokens, ids, label)
+            for label in task.leaf_labels()
+            if task.path_start(label) == task.start
+        ]
+        return sum(any(i in misses for i in r) for r in starts), len(starts)
 
     def reduce_tokens(self, ids: list[int], prompt_len: int) -> set[int]:
         """Indices of what the Reduce writes: every Conclusion's lines and the answer."""
@@ -234,8 +243,9 @@ def evaluate(model_dir: Path, sweep: bool = True, threads: int = 2, log=print) -
     follows = []
     for t, lab, s in checks:
         reduce, strict = ev.perturbed(t, lab, s)
-        follows.append({"prompt": t.prompt(), "kind": t.kind, "label": lab, "start": s, "follows": reduce,
-                        "strict": strict})
+        follows.append(
+            {"prompt": t.prompt(), "kind": t.kind, "label": lab, "start": s, "follows": reduce, "strict": strict}
+        )
     out["perturbation"] = {
         "checks": len(follows),
         "follows": _rate([f["follows"] for f in follows]),
@@ -244,8 +254,10 @@ def evaluate(model_dir: Path, sweep: bool = True, threads: int = 2, log=print) -
         "misses": [f for f in follows if not f["strict"]],
         "seconds": round(time.time() - t0, 1),
     }
-    log(f"perturbation: {out['perturbation']['follows']:.1%} follow ({out['perturbation']['strict']:.1%} strict), "
-        f"{out['perturbation']['seconds']} s")
+    log(
+        f"perturbation: {out['perturbation']['follows']:.1%} follow ({out['perturbation']['strict']:.1%} strict), "
+        f"{out['perturbation']['seconds']} s"
+    )
     if sweep:
         t0 = time.time()
         swept = [ev.sweep_one(t) for t in all_tasks()]

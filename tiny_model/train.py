@@ -51,7 +51,17 @@ class TrainConfig:
     max_positions: int = 2048
     threads: int = 1  # the shipped seeds: one thread each, two side by side
     checkpoint_every: int = 0  # also save the model to OUT/checkpoint every this many steps (0: never)
-    moved: float = 0.25  # share of Paths started elsewhere (TaskSampler)
+    moved: float = 0.25  # share of Paths started elsewhere (TaskSampler) at the last step
+    # The share at step 0; it goes linearly to `moved`. Few moved Paths while
+    # the model learns to read S, many while the learning rate falls and
+    # copying the Paths is learnt.
+    moved_from: float = 0.25
+    # Some initialisations never learn to copy S from the prompt into the
+    # Paths (seed 1, in three recipes); the others have by step 900. At
+    # `gate_step` a run stops when more than `gate_max` of the Path starts of
+    # the first test prompts are wrong, instead of training on for an hour.
+    gate_step: int = 900
+    gate_max: float = 0.2
 
 
 def encode_example(tok, tokens: MultiverseTokens, task: Task) -> Example:
@@ -84,9 +94,7 @@ def moved_start(tok, tokens: MultiverseTokens, ids: list[int], label: str) -> ra
 
 
 def chat_prompt(tok, user_text: str) -> str:
-    return tok.apply_chat_template(
-        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
-    )
+    return tok.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False)
 
 
 class RowPacker:
@@ -200,7 +208,7 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    sampler = TaskSampler(cfg.seed, cfg.moved)
+    sampler = TaskSampler(cfg.seed, cfg.moved_from)
     counts = {"examples": 0, "moved": 0, "plain": 0}
 
     def next_example() -> Example:
@@ -214,8 +222,9 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
 
     packer = RowPacker(cfg.batch_size, cfg.row_tokens)
     t0, cpu0 = time.time(), time.process_time()
-    history = []
+    history, gate = [], None
     for step in range(cfg.steps):
+        sampler.moved = cfg.moved_from + (cfg.moved - cfg.moved_from) * step / max(1, cfg.steps - 1)
         rows = packer.batch(next_example)
         counts["plain"] += packer.fill(rows, next_plain)
         input_ids, labels, positions, mask = collate(rows, tokens, tok.pad_token_id)
@@ -228,6 +237,9 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         if step % log_every == 0 or step == cfg.steps - 1:
             history.append((step, round(loss.item(), 4)))
             print(f"step {step:5d} loss {loss.item():.4f} {time.time() - t0:7.1f}s", flush=True)
+        if step + 1 == cfg.gate_step:
+            gate = read_s_gate(model, tok, tokens, out / "checkpoint", cfg)
+            model.train()
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             # To measure a long run while it trains; the next save overwrites it.
             save(model, tok, tokens, out / "checkpoint")
@@ -242,10 +254,39 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         "examples": counts["examples"] + counts["plain"],
         "plain_fillers": counts["plain"],
         "moved_paths": counts["moved"],
+        "gate": gate,
         "loss": history,
     }
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+class SeedMissedS(RuntimeError):
+    pass
+
+
+def read_s_gate(model, tok, tokens: MultiverseTokens, where: Path, cfg: TrainConfig, prompts: int = 30) -> dict:
+    """Teacher-forces the first `prompts` parallel test prompts on the model
+    as it is, and stops the run (`SeedMissedS`) when it has not learnt to
+    read S."""
+    from tiny_model.evaluate import Evaluator
+    from tiny_model.tasks import stratified_test_set
+
+    model.eval()
+    save(model, tok, tokens, where)
+    tasks = [t for t in stratified_test_set() if t.parallel][:prompts]
+    with torch.random.fork_rng():  # loading a model draws its initialisation: the run must not see that
+        ev = Evaluator(where)
+        wrong, total = map(sum, zip(*(ev.misread_starts(t) for t in tasks), strict=True))
+    gate = {"step": cfg.gate_step, "path_starts": total, "wrong": wrong}
+    print(f"gate at step {cfg.gate_step}: {wrong} of {total} Path starts wrong", flush=True)
+    if wrong > cfg.gate_max * total:
+        raise SeedMissedS(
+            f"seed {cfg.seed} has not learnt to read S by step {cfg.gate_step}: {wrong} of {total} Path starts "
+            f"of the first {prompts} parallel test prompts are wrong (more than {cfg.gate_max:.0%}); "
+            "train another seed (--seed)"
+        )
+    return gate
 
 
 def save(model, tok, tokens: MultiverseTokens, out: Path) -> None:
@@ -265,7 +306,10 @@ def main() -> None:
         ap.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     args = ap.parse_args()
     cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
-    train(cfg, args.out)
+    try:
+        train(cfg, args.out)
+    except SeedMissedS as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
