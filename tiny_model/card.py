@@ -106,17 +106,14 @@ def _worst(per_kind: dict, field: str) -> str:
     return f"{per_kind[kind][field]:.1%} ({kind})"
 
 
-def moved_share(tc: dict) -> str:
+def moved_share(tc: dict, rising: str = "{start}-{end}") -> str:
+    """The share of Paths moved; `rising` where it rises over the run (`--moved-from`)."""
     start = tc.get("moved_from", tc["moved"])
-    if start == tc["moved"]:
-        return f"{tc['moved']}"
-    return f"{start} at the first step, rising linearly to {tc['moved']} at the last"
+    return f"{tc['moved']}" if start == tc["moved"] else rising.format(start=start, end=tc["moved"])
 
 
 def recipe(tc: dict) -> str:
-    start = tc.get("moved_from", tc["moved"])
-    moved = f"{tc['moved']}" if start == tc["moved"] else f"{start}-{tc['moved']}"
-    return f"{tc['steps']:,} steps, moved {moved}"
+    return f"{tc['steps']:,} steps, moved {moved_share(tc)}"
 
 
 def seed_row(ev: dict) -> str:
@@ -168,7 +165,7 @@ def write_card(model_dir: Path, ev: dict, seed_runs: list[dict] | None = None, n
             examples=meta["examples"],
             fillers=meta["plain_fillers"],
             moved=meta["moved_paths"],
-            moved_p=moved_share(tc),
+            moved_p=moved_share(tc, "{start} at the first step, rising linearly to {end} at the last"),
             train_seconds=meta["train_seconds"],
             train_cpu_seconds=meta["train_cpu_seconds"],
             test_prompts=test["prompts"],

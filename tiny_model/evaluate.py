@@ -164,17 +164,18 @@ class Evaluator:
         reduce = self.reduce_tokens(ids, plen)
         return not any(i in reduce for i in misses), not misses
 
-    def misread_starts(self, task: Task) -> tuple[int, int]:
-        """Of the Paths that start at S, how many the model starts wrong
-        (teacher-forced), and how many there are."""
-        ids, plen = self.encode(task)
-        misses = set(self.forced_misses(ids, plen))
-        starts = [
-            moved_start(self.tok, self.dec.tokens, ids, label)
-            for label in task.leaf_labels()
-            if task.path_start(label) == task.start
-        ]
-        return sum(any(i in misses for i in r) for r in starts), len(starts)
+    def misread_starts(self, tasks: Iterable[Task]) -> tuple[int, int]:
+        """Of the tasks' Paths that start at S, how many the model starts
+        wrong (teacher-forced), and how many there are."""
+        wrong = total = 0
+        for task in tasks:
+            ids, plen = self.encode(task)
+            misses = set(self.forced_misses(ids, plen))
+            for label in task.leaf_labels():
+                if task.path_start(label) == task.start:
+                    total += 1
+                    wrong += any(i in misses for i in moved_start(self.tok, self.dec.tokens, ids, label))
+        return wrong, total
 
     def reduce_tokens(self, ids: list[int], prompt_len: int) -> set[int]:
         """Indices of what the Reduce writes: every Conclusion's lines and the answer."""

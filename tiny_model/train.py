@@ -277,7 +277,7 @@ def read_s_gate(model, tok, tokens: MultiverseTokens, where: Path, cfg: TrainCon
     tasks = [t for t in stratified_test_set() if t.parallel][:prompts]
     with torch.random.fork_rng():  # loading a model draws its initialisation: the run must not see that
         ev = Evaluator(where)
-        wrong, total = map(sum, zip(*(ev.misread_starts(t) for t in tasks), strict=True))
+        wrong, total = ev.misread_starts(tasks)
     gate = {"step": cfg.gate_step, "path_starts": total, "wrong": wrong}
     print(f"gate at step {cfg.gate_step}: {wrong} of {total} Path starts wrong", flush=True)
     if wrong > cfg.gate_max * total:
