@@ -2,10 +2,14 @@
 the Reduce (a changed Path changes the Conclusion), and the whole acceptance
 on the stratified test set and the whole-space sweep (slow)."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from engine_harness import reference, tokenizer
 
+from tiny_model.card import seed_row, write_card
 from tiny_model.demo import DEMO_TASKS
 from tiny_model.evaluate import Evaluator, evaluate, judge, moves
 from tiny_model.tasks import held_out_tasks, kinds
@@ -46,6 +50,19 @@ def test_the_bundled_model_passes_the_read_s_gate(tiny_model_dir):
     tasks = [t for t in held_out_tasks(10_000) if t.parallel][:6]
     wrong, total = ev.misread_starts(tasks)
     assert total >= 6 * 3 - 6 and wrong == 0
+
+
+def test_the_card_is_the_one_its_eval_json_writes(tiny_model_dir, tmp_path):
+    # The card's figures and seeds table must not drift from what was measured.
+    for name in ("config.json", "model.safetensors", "seeds.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    ev = json.loads((tiny_model_dir / "eval.json").read_text())
+    write_card(tmp_path, ev, None)
+    card = (tiny_model_dir / "README.md").read_text()
+    assert (tmp_path / "README.md").read_text() == card
+    # The shipped seed's own row, recipe and learning rate included.
+    tc = ev["training"]["train_config"]
+    assert seed_row(ev) in card and f"lr {tc['lr']:g}, warm-up {tc['warmup']}" in seed_row(ev)
 
 
 @pytest.mark.slow

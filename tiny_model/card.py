@@ -49,7 +49,8 @@ demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 - Architecture: {layers} layers, hidden {hidden}, {heads} heads of 64, float32.
 - Training: `make model` (= `python -m tiny_model.train --out
   models/multiverse-tiny --seed {seed}` then this evaluation), {steps} steps of
-  {batch} rows of up to {row_tokens} tokens, AdamW lr {lr} cosine to 5%:
+  {batch} rows of up to {row_tokens} tokens, AdamW lr {lr}, {warmup} warm-up
+  steps, cosine to 5%:
   {examples:,} examples packed side by side, {fillers:,} of them plain
   prompts packed into the rows' padding (no extra compute), {moved:,} moved
   Paths. {train_seconds:.0f} s on one thread ({train_cpu_seconds:.0f} CPU
@@ -83,8 +84,9 @@ Reproduce: `python -m tiny_model.evaluate models/multiverse-tiny --out models/mu
 SEEDS = """
 ## Seeds
 
-Seeds of this recipe and of a variant (recipe: steps, and the share of
-Paths moved, "0.1-0.4" rising over the run; whole completion right; worst
+Seeds of this recipe and of its variants (recipe: steps, the share of
+Paths moved, "0.1-0.4" rising over the run, the peak learning rate and
+its warm-up steps; whole completion right; worst
 kind: its lowest per-kind figure; the threads and the machine's load
 differ, see the note):
 
@@ -103,6 +105,8 @@ def _pct(x: float | None, digits: int = 1) -> str:
 
 def _worst(per_kind: dict, field: str) -> str:
     kind = min(per_kind, key=lambda k: per_kind[k][field])
+    if per_kind[kind][field] == 1:
+        return "100% (every kind)"
     return f"{per_kind[kind][field]:.1%} ({kind})"
 
 
@@ -113,7 +117,7 @@ def moved_share(tc: dict, rising: str = "{start}-{end}") -> str:
 
 
 def recipe(tc: dict) -> str:
-    return f"{tc['steps']:,} steps, moved {moved_share(tc)}"
+    return f"{tc['steps']:,} steps, moved {moved_share(tc)}, lr {tc['lr']:g}, warm-up {tc['warmup']}"
 
 
 def seed_row(ev: dict) -> str:
@@ -162,6 +166,7 @@ def write_card(model_dir: Path, ev: dict, seed_runs: list[dict] | None = None, n
             batch=tc["batch_size"],
             row_tokens=tc["row_tokens"],
             lr=tc["lr"],
+            warmup=tc["warmup"],
             examples=meta["examples"],
             fillers=meta["plain_fillers"],
             moved=meta["moved_paths"],
