@@ -1,5 +1,6 @@
 """The synthetic task, its test set, the tokenizer and the trainer of the tiny model."""
 
+import json
 import re
 from collections import Counter
 from dataclasses import replace
@@ -280,14 +281,16 @@ def test_training_is_deterministic_and_learns():
 def test_the_ema_averages_the_weights_and_leaves_the_run_alone(tmp_path):
     from safetensors.torch import load_file
 
-    def weights(steps: int, ema: float = 0.0, sub: str = "") -> dict[str, torch.Tensor]:
+    def weights(steps: int, ema: float = 0.0, sub: str = ".") -> dict[str, torch.Tensor]:
         out = tmp_path / f"{steps}-{ema}"
         # 80 warm-up steps and a constant moved share: step k is the same in every run
         train(TrainConfig(steps=steps, batch_size=2, layers=1, gate_step=0, ema=ema), out, log_every=100)
+        which = json.loads((out / sub / "training.json").read_text())["weights"]
+        assert which == ("EMA 0.5" if sub == "." and ema else "last step")
         return load_file(out / sub / "model.safetensors")
 
     w1, w2, w3 = weights(1), weights(2), weights(3)
-    raw, avg = weights(3, 0.5), weights(3, 0.5, "ema")
+    avg, raw = weights(3, 0.5), weights(3, 0.5, "last")
     assert all(torch.equal(raw[k], w3[k]) for k in w3)
     assert not torch.equal(avg["model.norm.weight"], w3["model.norm.weight"])
     for k in w3:  # decay 0.5 over three steps: the first update copies

@@ -63,9 +63,9 @@ class TrainConfig:
     # the first test prompts are wrong, instead of training on for an hour.
     gate_step: int = 900
     gate_max: float = 0.2
-    # Decay of an exponential moving average of the weights, saved beside the
-    # model in OUT/ema (0: none). Averaging the low-lr tail can remove the
-    # last single-prompt misses a final step leaves.
+    # Decay of an exponential moving average of the weights (0: none). With
+    # it OUT holds the average and OUT/last the last step's weights: averaging
+    # the low-lr tail can remove the single-prompt misses a last step leaves.
     ema: float = 0.0
 
 
@@ -252,9 +252,9 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
             # To measure a long run while it trains; the next save overwrites it.
             save(model, tok, tokens, out / "checkpoint")
     model.eval()
-    save(model, tok, tokens, out)
+    saved = {out: (model, "last step")}
     if ema is not None:
-        save(ema.module.eval(), tok, tokens, out / "ema")
+        saved = {out: (ema.module.eval(), f"EMA {cfg.ema:g}"), out / "last": (model, "last step")}
     meta = {
         "train_config": asdict(cfg),
         "train_seconds": round(time.time() - t0, 1),
@@ -267,7 +267,9 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         "gate": gate,
         "loss": history,
     }
-    (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for where, (weights, which) in saved.items():
+        save(weights, tok, tokens, where)
+        (where / "training.json").write_text(json.dumps(meta | {"weights": which}, indent=1) + "\n")
     return meta
 
 
