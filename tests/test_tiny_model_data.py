@@ -1,6 +1,5 @@
 """The synthetic task, its test set, the tokenizer and the trainer of the tiny model."""
 
-import json
 import re
 from collections import Counter
 from dataclasses import replace
@@ -33,7 +32,6 @@ from tiny_model.train import (
     encode_example,
     moved_start,
     read_s_gate,
-    train,
 )
 from vllm_multiverse.structure import EventKind, MultiverseTokens, StructureConfig, analyze
 
@@ -276,25 +274,6 @@ def test_training_is_deterministic_and_learns():
     (l1, w1), (l2, w2) = run(), run()
     assert l1 == l2 and torch.equal(w1, w2)
     assert l1[-1] < l1[0]
-
-
-def test_the_ema_averages_the_weights_and_leaves_the_run_alone(tmp_path):
-    from safetensors.torch import load_file
-
-    def weights(steps: int, ema: float = 0.0, sub: str = ".") -> dict[str, torch.Tensor]:
-        out = tmp_path / f"{steps}-{ema}"
-        # 80 warm-up steps and a constant moved share: step k is the same in every run
-        train(TrainConfig(steps=steps, batch_size=2, layers=1, gate_step=0, ema=ema), out, log_every=100)
-        which = json.loads((out / sub / "training.json").read_text())["weights"]
-        assert which == ("EMA 0.5" if sub == "." and ema else "last step")
-        return load_file(out / sub / "model.safetensors")
-
-    w1, w2, w3 = weights(1), weights(2), weights(3)
-    avg, raw = weights(3, 0.5), weights(3, 0.5, "last")
-    assert all(torch.equal(raw[k], w3[k]) for k in w3)
-    assert not torch.equal(avg["model.norm.weight"], w3["model.norm.weight"])
-    for k in w3:  # decay 0.5 over three steps: the first update copies
-        torch.testing.assert_close(avg[k], 0.25 * w1[k] + 0.25 * w2[k] + 0.5 * w3[k])
 
 
 def test_the_gate_stops_a_run_that_has_not_learnt_to_read_s(tmp_path):

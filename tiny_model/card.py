@@ -50,7 +50,7 @@ demonstrate the vllm-multiverse engine on CPU; it knows nothing else.
 - Training: `make model` (= `python -m tiny_model.train --out
   models/multiverse-tiny --seed {seed}` then this evaluation), {steps} steps of
   {batch} rows of up to {row_tokens} tokens, AdamW lr {lr}, {warmup} warm-up
-  steps, cosine to 5%; it ships {weights}:
+  steps, cosine to 5%:
   {examples:,} examples packed side by side, {fillers:,} of them plain
   prompts packed into the rows' padding (no extra compute), {moved:,} moved
   Paths. {train_seconds:.0f} s on one thread ({train_cpu_seconds:.0f} CPU
@@ -116,22 +116,14 @@ def moved_share(tc: dict, rising: str = "{start}-{end}") -> str:
     return f"{tc['moved']}" if start == tc["moved"] else rising.format(start=start, end=tc["moved"])
 
 
-def recipe(meta: dict) -> str:
-    tc = meta["train_config"]
-    weights = "" if meta.get("weights", "last step") == "last step" else f", {meta['weights']} weights"
-    return f"{tc['steps']:,} steps, moved {moved_share(tc)}, lr {tc['lr']:g}, warm-up {tc['warmup']}{weights}"
-
-
-def shipped_weights(meta: dict) -> str:
-    if meta.get("weights", "last step") == "last step":
-        return "the last step's weights"
-    return f"an exponential moving average of the weights over the steps (decay {meta['train_config']['ema']:g})"
+def recipe(tc: dict) -> str:
+    return f"{tc['steps']:,} steps, moved {moved_share(tc)}, lr {tc['lr']:g}, warm-up {tc['warmup']}"
 
 
 def seed_row(ev: dict) -> str:
     t, sw, pt = ev["training"], ev.get("sweep"), ev["perturbation"]
     return (
-        f"| {t['train_config']['seed']} | {recipe(t)} | {t['train_seconds']:.0f} "
+        f"| {t['train_config']['seed']} | {recipe(t['train_config'])} | {t['train_seconds']:.0f} "
         f"| {_pct(ev['test']['exact'], 2)} "
         f"| {_worst(ev['test']['per_kind'], 'exact')} | {_pct(sw and sw['exact'], 2)} "
         f"| {_worst(sw['per_kind'], 'exact') if sw else '-'} | {_pct(pt['follows'], 2)} "
@@ -175,7 +167,6 @@ def write_card(model_dir: Path, ev: dict, seed_runs: list[dict] | None = None, n
             row_tokens=tc["row_tokens"],
             lr=tc["lr"],
             warmup=tc["warmup"],
-            weights=shipped_weights(meta),
             examples=meta["examples"],
             fillers=meta["plain_fillers"],
             moved=meta["moved_paths"],
