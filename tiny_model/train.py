@@ -57,9 +57,10 @@ class TrainConfig:
     # copying the Paths is learnt.
     moved_from: float = 0.1
     # Some initialisations never learn to copy S from the prompt into the
-    # Paths (seed 1 with 80 warm-up steps, in three recipes); the others have by step 900. At
-    # `gate_step` a run stops when more than `gate_max` of the Path starts of
-    # the first test prompts are wrong, instead of training on for an hour.
+    # Paths (seed 1 with 80 warm-up steps, in three recipes); the others
+    # have by step 900. At `gate_step` a run stops when more than `gate_max`
+    # of the Path starts of the first test prompts are wrong, instead of
+    # training on for an hour.
     gate_step: int = 900
     gate_max: float = 0.2
 
